@@ -150,25 +150,27 @@ CREATE FUNCTION rl_ts(t timestamptz) RETURNS text
     RETURN to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"');
 
 -- Task JSON exactly as the API returns it (key set and order of the upstream API).
+-- row_to_json over a sub-select keeps the column order and emits compact JSON.
 CREATE FUNCTION rl_task_json(t tasks) RETURNS json
     LANGUAGE sql STABLE PARALLEL SAFE
-    RETURN json_build_object(
-        'id', t.id, 'name', t.name, 'url', t.url, 'method', t.method,
-        'headers', t.headers, 'body', t.body, 'schedule_type', t.schedule_type,
-        'cron_expression', t.cron_expression, 'scheduled_at', rl_ts(t.scheduled_at),
-        'enabled', t.enabled, 'timeout_ms', t.timeout_ms, 'retry_attempts', t.retry_attempts,
-        'expected_status_codes', t.expected_status_codes,
-        'expected_body_pattern', t.expected_body_pattern, 'queue', t.queue,
-        'notify_on_failure', t.notify_on_failure, 'notify_on_recovery', t.notify_on_recovery,
-        'on_failure_url', t.on_failure_url, 'on_recovery_url', t.on_recovery_url,
-        'next_run_at', rl_ts(t.next_run_at), 'inserted_at', rl_ts(t.inserted_at),
-        'updated_at', rl_ts(t.updated_at));
+    BEGIN ATOMIC
+        SELECT row_to_json(x) FROM (
+            SELECT t.id, t.name, t.url, t.method, t.headers, t.body, t.schedule_type,
+                   t.cron_expression, rl_ts(t.scheduled_at) AS scheduled_at, t.enabled,
+                   t.timeout_ms, t.retry_attempts, t.expected_status_codes,
+                   t.expected_body_pattern, t.queue, t.notify_on_failure, t.notify_on_recovery,
+                   t.on_failure_url, t.on_recovery_url, rl_ts(t.next_run_at) AS next_run_at,
+                   rl_ts(t.inserted_at) AS inserted_at, rl_ts(t.updated_at) AS updated_at
+        ) x;
+    END;
 
 -- Execution JSON as the API returns it (no response body, callback or queue).
 CREATE FUNCTION rl_execution_json(e executions) RETURNS json
     LANGUAGE sql STABLE PARALLEL SAFE
-    RETURN json_build_object(
-        'id', e.id, 'status', e.status, 'scheduled_for', rl_ts(e.scheduled_for),
-        'started_at', rl_ts(e.started_at), 'finished_at', rl_ts(e.finished_at),
-        'status_code', e.status_code, 'duration_ms', e.duration_ms,
-        'error_message', e.error_message, 'attempt', e.attempt);
+    BEGIN ATOMIC
+        SELECT row_to_json(x) FROM (
+            SELECT e.id, e.status, rl_ts(e.scheduled_for) AS scheduled_for,
+                   rl_ts(e.started_at) AS started_at, rl_ts(e.finished_at) AS finished_at,
+                   e.status_code, e.duration_ms, e.error_message, e.attempt
+        ) x;
+    END;

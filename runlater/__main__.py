@@ -1,0 +1,5 @@
+import sys
+
+from runlater.core.cli import main
+
+sys.exit(main())
