@@ -164,8 +164,10 @@ class ServerProcess:
             cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.stderr: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._read_err, daemon=True).start()
+        self._readers = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=self._read_err, daemon=True)]
+        for t in self._readers:
+            t.start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:  # type: ignore[union-attr]
@@ -191,18 +193,37 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        for t in self._readers:
+            t.join(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None and not stream.closed:
+                stream.close()
         return self.proc.returncode
 
     def client(self) -> "Client":
         return Client("127.0.0.1", self.port)
 
 
+_OPEN_CLIENTS: list["Client"] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients():
+    yield
+    while _OPEN_CLIENTS:
+        _OPEN_CLIENTS.pop().close()
+
+
 class Client:
-    """A tiny keep-alive HTTP/1.1 client over a real socket (stdlib http.client)."""
+    """A tiny keep-alive HTTP/1.1 client over a real socket (stdlib http.client).
+
+    Every client is closed after the test that made it.
+    """
 
     def __init__(self, host: str, port: int, key: str | None = None) -> None:
         self.host, self.port, self.key = host, port, key
         self.conn = http.client.HTTPConnection(host, port, timeout=10)
+        _OPEN_CLIENTS.append(self)
 
     def with_key(self, key: str | None) -> "Client":
         return Client(self.host, self.port, key)

@@ -55,7 +55,8 @@ def split_token(header: str | None) -> tuple[str, str]:
     if len(parts) != 2:
         raise Unauthorized("bad format")
     key_id, secret = parts
-    if len(key_id) != 32 or not key_id.startswith("pk_live_") or not secret.startswith("sk_live_"):
+    if (len(key_id) != 32 or not key_id.startswith("pk_live_") or not secret.startswith("sk_live_")
+            or not key_id.isascii()):
         raise Unauthorized("bad format", key_id[:40])
     return key_id, secret
 
@@ -74,6 +75,9 @@ class Authenticator:
         self.ttl = ttl
         self.touch_interval = touch_interval
         self._touched: dict[bytes, float] = {}
+        # Bumped by the revocation listener; a lookup that raced with a revocation
+        # must not put the key back into the cache.
+        self.invalidations = 0
         self._contexts: dict[tuple[bytes, bytes, int], AuthContext] = {}
 
     def cached(self, header: str | None) -> AuthContext | None:
@@ -93,6 +97,7 @@ class Authenticator:
             return ctx
         key_id, secret = split_token(header)
         kid = key_id.encode()
+        seen = self.invalidations
         row = await self.db.fetchrow(Q.lookup_key, key_id)
         if row is None or row["revoked"]:
             self.cache.put_negative(kid, ttl=self.ttl)
@@ -103,7 +108,8 @@ class Authenticator:
             key_hash=bytes(row["key_hash"]),
             tier=_TIER_CODE.get(row["tier"], 0),
         )
-        self.cache.put(kid, entry, ttl=self.ttl)
+        if seen == self.invalidations:
+            self.cache.put(kid, entry, ttl=self.ttl)
         return self._check(kid, entry, secret)
 
     def _check(self, kid: bytes, entry: CachedKey, secret: str) -> AuthContext:

@@ -39,9 +39,10 @@ class KeyRevocationListener:
     (a revoked key stops working within seconds) at the price of one lookup per key.
     """
 
-    def __init__(self, dsn: str, cache: KeyCache, *, retry_interval: float = 0.5) -> None:
+    def __init__(self, dsn: str, cache: KeyCache, auth: Authenticator, *, retry_interval: float = 0.5) -> None:
         self.dsn = dsn
         self.cache = cache
+        self.auth = auth
         self.retry_interval = retry_interval
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
@@ -58,7 +59,10 @@ class KeyRevocationListener:
                 pass
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
-        self.cache.invalidate(payload.encode())
+        self.auth.invalidations += 1
+        key_id = payload.encode()
+        if 0 < len(key_id) <= 32:
+            self.cache.invalidate(key_id)
 
     async def _run(self) -> None:
         first = True
@@ -70,6 +74,7 @@ class KeyRevocationListener:
                 conn.add_termination_listener(lambda _c: lost.set())
                 await conn.add_listener(KEYS_CHANNEL, self._on_notify)
                 if not first:
+                    self.auth.invalidations += 1
                     self.cache.clear()
                 first = False
                 self.connected.set()
@@ -100,8 +105,9 @@ async def _serve(settings: Settings, dsn: str, cache: KeyCache, index: int, hear
         max_backlog=settings.batch_max_backlog,
         name=f"create-batcher-{index}",
     )
-    api = Api(db, Authenticator(cache, db), batcher)
-    listener = KeyRevocationListener(dsn, cache)
+    auth = Authenticator(cache, db)
+    api = Api(db, auth, batcher)
+    listener = KeyRevocationListener(dsn, cache, auth)
     listener.start()
     config = ProtocolConfig(
         max_header_bytes=settings.max_header_bytes,
@@ -125,6 +131,7 @@ async def _serve(settings: Settings, dsn: str, cache: KeyCache, index: int, hear
     await server.drain(settings.graceful_timeout * 0.6)
     if not await batcher.drain(settings.graceful_timeout * 0.2):
         log.error("worker %d stopped with %d rows unflushed", index, batcher.backlog)
+    log.info("worker %d: %d tasks created in %d statements", index, batcher.rows_committed, batcher.statements)
     beating.cancel()
     await listener.stop()
     await db.close()
