@@ -72,6 +72,12 @@ class Settings:
     batch_max_backlog: int = 20_000
     batch_max_inflight: int = 3
 
+    # Executors
+    executor_max_inflight: int = 5000  # deliveries in flight per executor process
+    executor_max_per_origin: int = 512  # keep-alive connections per target origin
+    executor_claim_batch: int = 500
+    lease_margin: float = 60.0  # seconds a claim outlives its request timeout
+
     # Supervision
     heartbeat_timeout: float = 30.0
     graceful_timeout: float = 10.0
@@ -115,6 +121,10 @@ class Settings:
             batch_max_backlog=_env_int(env, "RUNLATER_BATCH_MAX_BACKLOG", 20_000, 1, 1_000_000),
             batch_max_inflight=_env_int(env, "RUNLATER_BATCH_MAX_INFLIGHT", 3, 1, 64),
             heartbeat_timeout=_env_float(env, "RUNLATER_HEARTBEAT_TIMEOUT", 30.0, 1, 3600),
+            executor_max_inflight=_env_int(env, "RUNLATER_EXECUTOR_MAX_INFLIGHT", 5000, 1, 100_000),
+            executor_max_per_origin=_env_int(env, "RUNLATER_EXECUTOR_MAX_PER_ORIGIN", 512, 1, 100_000),
+            executor_claim_batch=_env_int(env, "RUNLATER_EXECUTOR_CLAIM_BATCH", 500, 1, 10_000),
+            lease_margin=_env_float(env, "RUNLATER_LEASE_MARGIN", 60.0, 0.5, 3600),
         )
         values.update({k: v for k, v in cli.items() if v is not None})
         if "data_dir" in values:
