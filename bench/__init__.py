@@ -1,0 +1,1 @@
+"""Load generation, the mock delivery target and microbenchmarks."""
