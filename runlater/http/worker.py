@@ -139,4 +139,7 @@ async def _serve(settings: Settings, dsn: str, cache: KeyCache, index: int, hear
 
 def run(settings: Settings, dsn: str, cache: KeyCache, ctx) -> None:
     """Child entry point: serve until SIGTERM/SIGINT."""
+    # A SIGHUP sent to the whole process group (a terminal hang-up, `kill -HUP -PGID`)
+    # is the master's business: it replaces workers one by one.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     uvloop.run(_serve(settings, dsn, cache, ctx.index, ctx.heartbeat, ctx.ready))

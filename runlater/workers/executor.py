@@ -469,4 +469,7 @@ async def _main(settings: Settings, dsn: str, index: int, heartbeat: Callable[[]
 
 
 def run(settings: Settings, dsn: str, ctx: Any) -> None:
+    # A SIGHUP sent to the whole process group (a terminal hang-up, `kill -HUP -PGID`)
+    # is the master's business: it replaces workers one by one.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     uvloop.run(_main(settings, dsn, ctx.index, ctx.heartbeat, ctx.ready))
