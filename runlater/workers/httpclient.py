@@ -697,6 +697,8 @@ class HttpClient:
         self._connections: set[_Connection] = set()
         self._next_sweep = 0.0
         self._closed = False
+        # Bound on first use: one client serves one event loop.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def request(
         self,
@@ -709,7 +711,9 @@ class HttpClient:
         """Send one request, following redirects, within ``timeout`` seconds overall."""
         if self._closed:
             raise ClientError("client_closed", url)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = now + timeout
         if now >= self._next_sweep:
@@ -849,14 +853,15 @@ class HttpClient:
                 pool.release_slot()
                 raise
             if conn.keep_alive and conn.usable and not self._closed:
-                pool.release(conn, asyncio.get_running_loop().time())
+                pool.release(conn, self._loop.time())  # type: ignore[union-attr]
             else:
                 conn.close()
                 pool.release_slot()
             return response
 
     async def _acquire(self, pool: _Pool, deadline: float) -> _Connection | None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         idle = pool.idle
         if idle:
             fresh_after = loop.time() - self._keepalive_expiry
