@@ -48,6 +48,7 @@ from runlater.workers.signing import upstream_signature, webhook_headers
 log = logging.getLogger("runlater.executor")
 
 EXECUTIONS_CHANNEL = "runlater_executions"
+HOST_BLOCKS_CHANNEL = "runlater_host_blocks"
 BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 
 
@@ -174,6 +175,24 @@ class Executor:
         except ValueError:
             self.wake()
 
+    def _on_host_block(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        try:
+            org, until, host = payload.split(" ", 2)
+            self.blocker.block(uuid.UUID(org), host, float(until))
+        except ValueError:
+            log.debug("ignoring malformed host block %r", payload)
+
+    def _announce_block(self, org: uuid.UUID, host: str, until: float) -> None:
+        payload = f"{org} {until:.3f} {host}"
+        if len(payload) < 7900:  # NOTIFY payloads are limited to 8000 bytes
+            self._loop.create_task(self._notify_block(payload), name=f"{self.name}-announce-block")
+
+    async def _notify_block(self, payload: str) -> None:
+        try:
+            await self.db.execute("SELECT pg_notify($1, $2)", HOST_BLOCKS_CHANNEL, payload)
+        except Exception as exc:  # noqa: BLE001 - the local block still holds
+            log.debug("could not announce host block: %s", exc)
+
     # -- lifecycle ----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
@@ -223,6 +242,7 @@ class Executor:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c: lost.set())
                 await conn.add_listener(EXECUTIONS_CHANNEL, self._on_notify)
+                await conn.add_listener(HOST_BLOCKS_CHANNEL, self._on_host_block)
                 self.wake()  # anything committed while we were not listening
                 await lost.wait()
             except asyncio.CancelledError:
@@ -339,7 +359,9 @@ class Executor:
             status, error = outcome.judge(status_code, response_body, row["expected_status_codes"],
                                           row["expected_body_pattern"])
         duration_ms = int((time.monotonic() - started) * 1000)
-        self.blocker.record(org, host, status_code, retry_after)
+        blocked = self.blocker.record(org, host, status_code, retry_after)
+        if blocked is not None:
+            self._announce_block(org, host, blocked)
         retry_at = None
         if status != "success" and outcome.should_retry(row["schedule_type"], row["attempt"], row["retry_attempts"]):
             delay = outcome.retry_delay(row["attempt"], status_code, retry_after)

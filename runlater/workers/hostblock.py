@@ -1,4 +1,10 @@
-"""Per (organization, host) back-off, local to one executor process.
+"""Per (organization, host) back-off, shared by every executor through notifications.
+
+Each executor keeps the blocks in memory; when one starts a block it announces it on
+the ``runlater_host_blocks`` channel and every executor (on any machine) applies it, so
+a blocked host is not hammered by the executor that did not see the 429. Blocks are
+not persisted: after a full restart a host is tried once more before it is blocked
+again, as upstream does.
 
 Rules (upstream's, kept): a 429 blocks the host for its Retry-After (default 60 s,
 capped at 1 h); a 5xx, timeout or transport error counts as a failure, and from the
@@ -32,22 +38,35 @@ class HostBlocker:
             return None
         return until
 
-    def record(self, org: object, host: str, status: int | None, retry_after: float | None = None) -> None:
-        """Feed one attempt's outcome: an HTTP status, or None for a transport error/timeout."""
+    def record(self, org: object, host: str, status: int | None, retry_after: float | None = None) -> float | None:
+        """Feed one attempt's outcome: an HTTP status, or None for a transport error/timeout.
+
+        Returns the end of a block this outcome started (epoch seconds), so the caller can
+        tell the other executors; None when it started none.
+        """
         key = (org, host)
         if status == 429:
             wait = min(retry_after if retry_after else DEFAULT_RATE_LIMIT_BLOCK, MAX_BLOCK)
-            self._until[key] = self.clock() + wait
-            return
+            return self.block(org, host, self.clock() + wait)
         if status is None or status >= 500:
             count, level = self._failures.get(key, (0, 0))
             count += 1
+            until = None
             if count >= STREAK:
-                self._until[key] = self.clock() + STEPS[level]
+                until = self.block(org, host, self.clock() + STEPS[level])
                 level = min(level + 1, len(STEPS) - 1)
             self._failures[key] = (count, level)
-            return
+            return until
         self._failures.pop(key, None)
+        return None
+
+    def block(self, org: object, host: str, until: float) -> float:
+        """Block until ``until`` (never shortening a longer block already in place)."""
+        key = (org, host)
+        current = self._until.get(key, 0.0)
+        if until > current:
+            self._until[key] = until
+        return self._until[key]
 
     def sweep(self) -> None:
         now = self.clock()
