@@ -11,6 +11,7 @@ import asyncio
 import logging
 import uuid
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -22,7 +23,7 @@ from runlater.db.pool import Database
 from runlater.db.queries import Q
 from runlater.http import validation
 from runlater.http.auth import AuthContext, Authenticator, Unauthorized
-from runlater.http.errors import ApiError
+from runlater.http.errors import ApiError, BadRequest
 from runlater.http.messages import Request, Response, error_response
 from runlater.http.router import Router
 
@@ -82,20 +83,61 @@ def once_columns(rows: list[tuple[uuid.UUID, uuid.UUID, uuid.UUID, Any]]) -> tup
     )
 
 
+class Guard:
+    """Admission checks run before a handler: rate limits and quotas.
+
+    ``admit`` returns a response to send instead of running the handler (e.g. 429), or
+    None. ``ctx`` is None on unauthenticated routes (limits then key on the client IP).
+    This base class admits everything; ``runlater.http.limits`` provides the real one.
+    """
+
+    def admit(self, req: Request, ctx: AuthContext | None) -> Response | None:
+        return None
+
+    def admit_executions(self, ctx: AuthContext, count: int) -> None:
+        """Raise an ApiError when ``count`` more executions would break a monthly limit."""
+
+
+class Idempotency:
+    """Replays and in-flight protection for ``Idempotency-Key``; this base does nothing."""
+
+    def applies(self, req: Request) -> bool:
+        return False
+
+    async def run(self, req: Request, ctx: AuthContext, call: Callable[[], Any]) -> Response:
+        return await resolve(call())
+
+
+async def resolve(result: Any) -> Response:
+    """Turn a handler result (Response, future or coroutine) into a Response."""
+    if isinstance(result, Response):
+        return result
+    return await result
+
+
 class Api:
-    def __init__(self, db: Database, auth: Authenticator, batcher: InsertBatcher) -> None:
+    def __init__(self, db: Database, auth: Authenticator, batcher: InsertBatcher, *,
+                 guard: Guard | None = None, idempotency: Idempotency | None = None) -> None:
         self.db = db
         self.auth = auth
         self.batcher = batcher
+        self.guard = guard or Guard()
+        self.idempotency = idempotency or Idempotency()
         self.router = Router()
-        r = self.router
-        r.add("GET", "/health", self.health)
-        r.add("GET", "/api/v1/tasks", self.authenticated(self.list_tasks))
-        r.add("POST", "/api/v1/tasks", self.create_task)
-        r.add("GET", "/api/v1/tasks/{id}", self.authenticated(self.show_task))
-        r.add("DELETE", "/api/v1/tasks/{id}", self.authenticated(self.delete_task))
-        r.add("POST", "/api/v1/tasks/{id}/trigger", self.authenticated(self.trigger_task))
-        r.add("GET", "/api/v1/tasks/{id}/executions", self.authenticated(self.list_executions))
+        self.route("GET", "/health", self.health, authenticated=False)
+        self.route("GET", "/api/v1/tasks", self.list_tasks)
+        self.route("POST", "/api/v1/tasks", self.create_task)
+        self.route("GET", "/api/v1/tasks/{id}", self.show_task)
+        self.route("DELETE", "/api/v1/tasks/{id}", self.delete_task)
+        self.route("POST", "/api/v1/tasks/{id}/trigger", self.trigger_task)
+        self.route("GET", "/api/v1/tasks/{id}/executions", self.list_executions)
+
+    def route(self, method: str, pattern: str, handler: Callable[..., Any], *, authenticated: bool = True) -> None:
+        """Register a handler. Authenticated handlers take (request, ctx); others (request).
+
+        Handlers return a Response, a future resolving to one, or a coroutine.
+        """
+        self.router.add(method, pattern, self._authenticated(handler) if authenticated else self._public(handler))
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -109,14 +151,34 @@ class Api:
         except Exception as exc:  # noqa: BLE001 - mapped to a response
             return _error_for(exc)
 
-    def authenticated(self, handler: Any) -> Any:
-        """Wrap an async handler: authenticate (cache first), then run it."""
+    def _public(self, handler: Callable[..., Any]) -> Callable[[Request], Any]:
+        def entry(req: Request) -> Any:
+            refused = self.guard.admit(req, None)
+            if refused is not None:
+                return refused
+            return handler(req)
 
-        async def run(req: Request, ctx: AuthContext | None) -> Response:
+        return entry
+
+    def _authenticated(self, handler: Callable[..., Any]) -> Callable[[Request], Any]:
+        """Authenticate (shared cache first, no coroutine on a hit), admit, then run.
+
+        The common case — a cached key, no Idempotency-Key — calls the handler directly,
+        so a synchronous handler (create) answers without any task of its own.
+        """
+
+        def run(req: Request, ctx: AuthContext) -> Any:
+            refused = self.guard.admit(req, ctx)
+            if refused is not None:
+                return refused
+            if self.idempotency.applies(req):
+                return self._guarded(self.idempotency.run(req, ctx, lambda: handler(req, ctx)))
+            return handler(req, ctx)
+
+        async def after_lookup(req: Request) -> Response:
             try:
-                if ctx is None:
-                    ctx = await self.auth.authenticate(req.headers.get("authorization"))
-                return await handler(req, ctx)
+                ctx = await self.auth.authenticate(req.headers.get("authorization"))
+                return await resolve(run(req, ctx))
             except Unauthorized as exc:
                 return self._unauthorized(req, exc)
             except Exception as exc:  # noqa: BLE001
@@ -127,9 +189,21 @@ class Api:
                 ctx = self.auth.cached(req.headers.get("authorization"))
             except Unauthorized as exc:
                 return self._unauthorized(req, exc)
-            return run(req, ctx)
+            if ctx is None:
+                return after_lookup(req)
+            result = run(req, ctx)
+            if isinstance(result, (Response, asyncio.Future)):
+                return result
+            return self._guarded(result)
 
         return entry
+
+    @staticmethod
+    async def _guarded(coro: Any) -> Response:
+        try:
+            return await coro
+        except Exception as exc:  # noqa: BLE001
+            return _error_for(exc)
 
     def _unauthorized(self, req: Request, exc: Unauthorized) -> Response:
         log.warning("unauthorized: key=%s reason=%s client=%s path=%s",
@@ -150,34 +224,14 @@ class Api:
             return HEALTH_DOWN
         return HEALTH_OK
 
-    def create_task(self, req: Request) -> Any:
-        """POST /api/v1/tasks. The hot path: no coroutine when the key is cached."""
-        try:
-            ctx = self.auth.cached(req.headers.get("authorization"))
-        except Unauthorized as exc:
-            return self._unauthorized(req, exc)
-        if ctx is None:
-            return self._create_after_auth(req)
-        return self._create(req, ctx)
-
-    async def _create_after_auth(self, req: Request) -> Response:
-        try:
-            ctx = await self.auth.authenticate(req.headers.get("authorization"))
-        except Unauthorized as exc:
-            return self._unauthorized(req, exc)
-        except Exception as exc:  # noqa: BLE001
-            return _error_for(exc)
-        result = self._create(req, ctx)
-        if isinstance(result, Response):
-            return result
-        return await result
-
-    def _create(self, req: Request, ctx: AuthContext) -> Response | asyncio.Future[Response]:
+    def create_task(self, req: Request, ctx: AuthContext) -> Response | asyncio.Future[Response]:
+        """POST /api/v1/tasks — the hot path: validated synchronously, answered by the batcher."""
         try:
             params = validation.merge_params(
                 req.query, validation.decode_json_body(req.body, req.headers.get("content-type"))
             )
             new = validation.parse_create(params, datetime.now(timezone.utc))
+            self.guard.admit_executions(ctx, 1)
             task_id = uuid7()
             execution_id = uuid7()
             body = orjson.dumps({
@@ -206,7 +260,7 @@ class Api:
     def _task_id(self, req: Request) -> uuid.UUID:
         task_id = parse_uuid(req.route_params[0])
         if task_id is None:
-            raise _BadId()
+            raise BadRequest(value=req.route_params[0], reason="path id is not a UUID")  # upstream: 400, not 404
         return task_id
 
     async def show_task(self, req: Request, ctx: AuthContext) -> Response:
@@ -238,14 +292,3 @@ class Api:
         if doc is None:
             return NOT_FOUND
         return Response(200, b'{"data":' + doc.encode() + b"}")
-
-
-class _BadId(ApiError):
-    """A path id that is not a UUID: upstream answers 400, not 404."""
-
-    def __init__(self) -> None:
-        Exception.__init__(self, "bad id")
-        self.status = 400
-
-    def response(self) -> Response:
-        return BAD_REQUEST
