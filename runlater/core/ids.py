@@ -14,27 +14,59 @@ import uuid
 
 _last_ms = 0
 _counter = 0
+# Random bits come from the OS CSPRNG in 4 KiB refills rather than one system call per
+# id: ids are minted on every create, and a getrandom() call cost more than the rest
+# of the id put together. Reset after fork so children never share a buffer.
+_RANDOM_REFILL = 4096
+_random = b""
+_random_at = _RANDOM_REFILL
 
 
-def uuid7_bytes() -> bytes:
+def _reset_after_fork() -> None:
+    global _random, _random_at
+    _random, _random_at = b"", _RANDOM_REFILL
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _random8() -> int:
+    global _random, _random_at
+    if _random_at >= _RANDOM_REFILL:
+        _random, _random_at = os.urandom(_RANDOM_REFILL), 0
+    at = _random_at
+    _random_at = at + 8
+    return int.from_bytes(_random[at : at + 8], "big")
+
+
+def uuid7_int() -> int:
     global _last_ms, _counter
     ms = time.time_ns() // 1_000_000
+    rand = _random8()
     if ms > _last_ms:
         _last_ms = ms
-        _counter = int.from_bytes(os.urandom(2), "big") & 0x3FF  # leave headroom before overflow
+        _counter = rand >> 54  # 10 random bits: headroom before the 12-bit counter overflows
     else:
         _counter += 1
         if _counter > 0xFFF:  # more than ~3,000 ids in one ms: borrow the next millisecond
             _last_ms += 1
             _counter = 0
         ms = _last_ms
-    rand_b = int.from_bytes(os.urandom(8), "big") & 0x3FFF_FFFF_FFFF_FFFF
-    value = (ms << 80) | (0x7 << 76) | (_counter << 64) | (0b10 << 62) | rand_b
-    return value.to_bytes(16, "big")
+    return (ms << 80) | (0x7 << 76) | (_counter << 64) | (0b10 << 62) | (rand & 0x3FFF_FFFF_FFFF_FFFF)
+
+
+def uuid7_bytes() -> bytes:
+    return uuid7_int().to_bytes(16, "big")
+
+
+def uuid7_str() -> str:
+    """The canonical text form, built without a ``uuid.UUID`` object (hot path)."""
+    h = "%032x" % uuid7_int()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def uuid7() -> uuid.UUID:
-    return uuid.UUID(bytes=uuid7_bytes())
+    return uuid.UUID(int=uuid7_int())
 
 
 def parse_uuid(text: str) -> uuid.UUID | None:

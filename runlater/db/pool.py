@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -50,7 +51,8 @@ async def connect_pool(
         min_size=size if min_size is None else min_size,
         max_size=size,
         timeout=connect_timeout,
-        command_timeout=60,
+        # No command_timeout: it wraps every query in a timer (measurable per request);
+        # waits are bounded where they start instead (acquire timeout, batch backlog).
         # Connections are long-lived and reused by every request of the process; the
         # default prepared statement cache keeps each named query parsed and planned once.
         max_inactive_connection_lifetime=0,
@@ -77,6 +79,7 @@ class Database:
         self.max_waiters = max_waiters
         self.probe_interval = probe_interval
         self.down = False
+        self.last_ok = 0.0  # monotonic time of the last successful release
         self._waiting = 0
         self._probe: asyncio.Task[None] | None = None
 
@@ -102,6 +105,9 @@ class Database:
                 continue
             self.down = False
             log.warning("database available again")
+
+    def recently_ok(self, within: float) -> bool:
+        return time.monotonic() - self.last_ok < within
 
     def check_available(self) -> None:
         if self.down:
@@ -133,6 +139,7 @@ class Database:
             self._waiting -= 1
         try:
             yield conn
+            self.last_ok = time.monotonic()
         except Exception as exc:
             if is_unavailable(exc):
                 raise self.failed(exc) from exc

