@@ -404,10 +404,6 @@ class NotPrompt(AssertionError):
     """A request that needed the silent database was not answered by a prompt 503."""
 
 
-@pytest.mark.xfail(strict=True, raises=NotPrompt, reason=(
-    "server bug: with a silent database (packets dropped, no RST) create and list wait for the"
-    " pool's 60 s command_timeout instead of answering 503 promptly; list then answers 500"
-    " (TimeoutError from asyncpg pool.release escapes Database.connection)"))
 def test_silent_database_answers_503_instead_of_hanging(proxy, proxied, pg_dsn):
     org = make_org(pg_dsn)
     port = proxied.port

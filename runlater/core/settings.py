@@ -66,6 +66,7 @@ class Settings:
     # Database
     db_pool_size: int = 8
     db_acquire_timeout: float = 1.0  # a request waits at most this long for a connection → 503
+    db_query_timeout: float = 3.0  # a connection held longer is dropped and the database marked down
 
     # Batching insert path
     batch_max_rows: int = 500
@@ -130,3 +131,4 @@ class Settings:
         if "data_dir" in values:
             values["data_dir"] = Path(values["data_dir"])  # type: ignore[arg-type]
         return cls(**values)  # type: ignore[arg-type]
+            db_query_timeout=_env_float(env, "RUNLATER_DB_QUERY_TIMEOUT", 3.0, 0.1, 3600),

@@ -177,17 +177,25 @@ class Database:
         pool: ConnectionPool,
         *,
         acquire_timeout: float = 1.0,
+        query_timeout: float = 3.0,
         max_waiters: int = 256,
         probe_interval: float = 0.5,
     ) -> None:
         self.pool = pool
         self.acquire_timeout = acquire_timeout
+        self.query_timeout = query_timeout
         self.max_waiters = max_waiters
         self.probe_interval = probe_interval
         self.down = False
         self.last_ok = 0.0  # monotonic time of the last successful release
         self._waiting = 0
         self._probe: asyncio.Task[None] | None = None
+        # Connections handed out, with the monotonic time they were taken. A watchdog
+        # (one timer per process, not one per query) terminates any connection held
+        # longer than query_timeout: a database that stops answering without closing
+        # its sockets (a network black hole) turns into a fast 503, never a hang.
+        self._busy: dict[asyncpg.Connection, float] = {}
+        self._watchdog: asyncio.Task[None] | None = None
 
     # -- availability -------------------------------------------------------------
 
@@ -213,6 +221,20 @@ class Database:
                 continue
             self.down = False
             log.warning("database available again")
+
+    async def _watch(self) -> None:
+        tick = max(0.05, min(0.5, self.query_timeout / 4))
+        while True:
+            await asyncio.sleep(tick)
+            if not self._busy:
+                continue
+            limit = time.monotonic() - self.query_timeout
+            for conn, taken in list(self._busy.items()):
+                if taken < limit and not conn.is_closed():
+                    log.warning("no answer from the database within %.1fs; dropping the connection",
+                                self.query_timeout)
+                    conn.terminate()  # the waiting query fails at once → DatabaseUnavailable
+                    self.mark_down(TimeoutError(f"no answer within {self.query_timeout}s"))
 
     def recently_ok(self, within: float) -> bool:
         return time.monotonic() - self.last_ok < within
@@ -245,6 +267,9 @@ class Database:
                 raise self.failed(exc) from exc
         finally:
             self._waiting -= 1
+        self._busy[conn] = time.monotonic()
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="db-watchdog")
         try:
             yield conn
         except asyncio.CancelledError:
@@ -260,6 +285,8 @@ class Database:
         else:
             self.last_ok = time.monotonic()
             self.pool.release(conn)
+        finally:
+            self._busy.pop(conn, None)
 
     async def fetchval(self, query: str, *args: Any) -> Any:
         async with self.connection() as conn:
@@ -278,8 +305,9 @@ class Database:
             return await conn.execute(query, *args)
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
+        for task in (self._probe, self._watchdog):
+            if task is not None:
+                task.cancel()
         try:
             await asyncio.wait_for(self.pool.close(), 5)
         except (asyncio.TimeoutError, Exception):  # noqa: BLE001

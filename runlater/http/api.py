@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from datetime import datetime, timezone
 from collections.abc import Callable
@@ -126,6 +127,9 @@ class Api:
         self.auth = auth
         self.batcher = batcher
         self.guard = guard or Guard()
+        self._health_at = 0.0
+        self._health_last: Response | None = None
+        self._health_check: asyncio.Future[Response] | None = None
         self.idempotency = idempotency or Idempotency()
         self.router = Router()
         self.route("GET", "/health", self.health, authenticated=False)
@@ -218,26 +222,33 @@ class Api:
     # -- handlers ---------------------------------------------------------------------
 
     def health(self, req: Request) -> Any:
-        """GET /health: is the database reachable from this process?
+        """GET /health: does the database answer this process right now?
 
-        A query that succeeded within the last second already answers that, so a load
-        balancer polling hard costs no queries; a busy pool means "connected, busy",
-        which is healthy.
+        Concurrent checks share one ``SELECT 1`` and its answer is reused for 250 ms, so
+        a load balancer polling hard costs next to nothing; a busy pool means
+        "connected, busy", which is healthy. A silent database is caught by the pool's
+        query watchdog and reported as disconnected.
         """
         if self.db.down:
             return HEALTH_DOWN
-        if self.db.recently_ok(1.0):
-            return HEALTH_OK
-        return self._health()
+        now = time.monotonic()
+        if now - self._health_at < 0.25 and self._health_last is not None:
+            return self._health_last
+        if self._health_check is None or self._health_check.done():
+            self._health_check = asyncio.ensure_future(self._check_health())
+        return asyncio.shield(self._health_check)
 
-    async def _health(self) -> Response:
+    async def _check_health(self) -> Response:
         try:
             await self.db.fetchval("SELECT 1")
+            answer = HEALTH_OK
         except Overloaded:
-            return HEALTH_OK
+            answer = HEALTH_OK
         except Exception:  # noqa: BLE001
-            return HEALTH_DOWN
-        return HEALTH_OK
+            answer = HEALTH_DOWN
+        self._health_at = time.monotonic()
+        self._health_last = answer
+        return answer
 
     def create_task(self, req: Request, ctx: AuthContext) -> Response | asyncio.Future[Response]:
         """POST /api/v1/tasks — the hot path: validated synchronously, answered by the batcher."""
