@@ -307,20 +307,20 @@ class TestRunAt:
 
 class TestPrecedence:
     def test_cron_wins_over_everything(self):
-        assert details(url=URL, cron="0 * * * *", delay="5m", run_at="2026-03-05T15:00:00Z") == {
-            "cron": ["cron tasks are not supported yet"]
-        }
+        task = create(cron="0 * * * *", delay="5m", run_at="2026-03-05T15:00:00Z")
+        assert isinstance(task, V.NewCronTask)
+        assert task.cron_expression == "0 * * * *"
 
     def test_cron_error_response(self):
         with pytest.raises(E.ValidationError) as info:
-            create(cron="0 * * * *")
+            create(cron="61 * * * *")
         assert info.value.response().body == (
-            b'{"error":{"code":"validation_error","details":{"cron":["cron tasks are not supported yet"]}}}'
+            b'{"error":{"code":"validation_error","details":{"cron_expression":["is not a valid cron expression"]}}}'
         )
 
     @pytest.mark.parametrize("cron", ["", 0, "garbage"])
     def test_empty_string_and_zero_cron_are_present(self, cron):
-        assert "cron" in details(url=URL, cron=cron, delay="5m")
+        assert "cron_expression" in details(url=URL, cron=cron, delay="5m")
 
     @pytest.mark.parametrize("cron", [None, False])
     def test_null_and_false_cron_are_absent(self, cron):
@@ -861,8 +861,9 @@ class TestValidateTaskFields:
         }
 
     def test_cron_expression_uses_the_cron_hook(self):
-        assert V.validate_task_fields({"cron_expression": "0 * * * *"}, partial=True)[1] == {
-            "cron_expression": ["cron tasks are not supported yet"]
+        assert V.validate_task_fields({"cron_expression": "0 * * * *"}, partial=True)[1] == {}
+        assert V.validate_task_fields({"cron_expression": "0 * * *  * *"}, partial=True)[1] == {
+            "cron_expression": ["is not a valid cron expression"]
         }
 
     @pytest.mark.parametrize(

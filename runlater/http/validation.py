@@ -5,7 +5,8 @@ What lives here, in the order a request meets it:
 * ``decode_json_body`` / ``merge_params``: body and query string → one parameter map
   (upstream-api §0.1, §0.2).
 * ``parse_create``: the one-time ``POST /api/v1/tasks`` (§1.5, §1.5.2) → ``NewTask``.
-  Cron creates go through ``parse_cron_create``, the single seam for cron support.
+  Cron creates go through ``parse_cron_create`` (§1.5.1) → ``NewCronTask``; the cron
+  rules themselves live in ``runlater.core.cron`` and ``derive_cron_schedule``.
 * ``validate_task_fields``: the model rules of §2.1, shared by create and update.
 * ``parse_list_params`` / ``parse_executions_limit``: the list endpoints' query (§1.3, §1.10).
 
@@ -23,6 +24,7 @@ varchar(255) values, an empty ``method``, a non-string ``run_at``, out-of-range 
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -32,13 +34,17 @@ from urllib.parse import unquote_plus
 
 import orjson
 
+from runlater.core import cron
 from runlater.http.errors import BadRequest, InvalidDelay, InvalidRunAt, ValidationError
+from runlater.workers.ssrf import validate_target_url
 
 __all__ = [
     "NO_QUEUE",
+    "NewCronTask",
     "NewTask",
     "check_cron_expression",
     "decode_json_body",
+    "derive_cron_schedule",
     "default_name",
     "merge_params",
     "parse_create",
@@ -59,6 +65,7 @@ BAD_URL = "must be a valid HTTP or HTTPS URL"
 BODY_TOO_BIG = "must be less than 256KB"
 BAD_STATUS_CODES = "must be comma-separated HTTP status codes (100-599)"
 NOT_FUTURE = "must be in the future"
+# Only for callers written before cron support existed; nothing here returns it now.
 CRON_UNSUPPORTED = "cron tasks are not supported yet"
 BAD_HEADER_NAME = "contains an invalid header name"
 BAD_HEADER_VALUE_TYPE = "header values must be strings, numbers, booleans or null"
@@ -125,6 +132,33 @@ class NewTask(NamedTuple):
     notify_on_recovery: bool | None
     on_failure_url: str | None
     on_recovery_url: str | None
+
+
+class NewCronTask(NamedTuple):
+    """A validated cron task (§1.5.1): ``NewTask``'s columns without ``scheduled_at``,
+    plus the schedule. ``next_run_at`` is aware UTC, or None for a disabled task;
+    ``timezone`` is an IANA name or None (UTC)."""
+
+    name: str
+    url: str
+    method: str
+    headers_json: bytes
+    body: str | None
+    timeout_ms: int
+    retry_attempts: int
+    callback_url: str | None
+    expected_status_codes: str | None
+    expected_body_pattern: str | None
+    queue: str | None
+    notify_on_failure: bool | None
+    notify_on_recovery: bool | None
+    on_failure_url: str | None
+    on_recovery_url: str | None
+    cron_expression: str
+    timezone: str | None
+    interval_minutes: int
+    next_run_at: datetime | None
+    enabled: bool
 
 
 _new_task = tuple.__new__  # skips NamedTuple's keyword-handling __new__ on the hot path
@@ -303,16 +337,113 @@ def parse_create(params: dict[str, Any], now: datetime) -> NewTask:
     )
 
 
-def parse_cron_create(params: dict[str, Any], now: datetime) -> Any:
-    """Create with a ``cron`` key (§1.5.1). The single place cron support plugs in:
-    replace this function (its result is what ``parse_create`` returns for cron)."""
-    raise ValidationError({"cron": [CRON_UNSUPPORTED]}, value=params.get("cron"))
+def parse_cron_create(
+    params: dict[str, Any], now: datetime, tier: str = "unlimited", *, allow_private: bool | None = None
+) -> NewCronTask:
+    """Validate a create with a ``cron`` key (§1.5.1) and return the cron task it describes.
+
+    Fields are forwarded to the model under their model names (``cron`` becomes
+    ``cron_expression``; ``timezone`` is ours, DECISIONS 19); all other keys are
+    ignored. On top of the §2.1 rules: the SSRF save-time check of ``url`` (skipped
+    when ``allow_private``, which defaults to ``RUNLATER_ALLOW_PRIVATE_TARGETS``), the
+    tier's minimum interval (``tier`` is the organisation's), and ``next_run_at`` = the
+    first fire time after ``now`` (None when the task is created disabled). Every
+    field error is reported together in one 422.
+    """
+    attrs = {field: params[key] for key, field in _CRON_PARAMS if key in params}
+    clean, errors = _check_fields(attrs, _CRON_RULES, _MODEL_DEFAULTS, False)
+    if errors is None:
+        errors = {}
+    if allow_private is None:
+        allow_private = os.environ.get("RUNLATER_ALLOW_PRIVATE_TARGETS", "") in ("1", "true", "yes")
+    url = clean.get("url")
+    if url is not None and not allow_private:
+        refused = validate_target_url(url)
+        if refused is not None:
+            errors["url"] = [refused]
+    expression = clean.get("cron_expression")
+    enabled = clean["enabled"] if "enabled" in clean else True
+    interval = next_run_at = None
+    if expression is None:
+        if "cron_expression" not in errors:
+            errors["cron_expression"] = [BLANK]
+    elif "timezone" not in errors:
+        interval, next_run_at, schedule_errors = derive_cron_schedule(
+            expression, clean.get("timezone"), tier=tier, now=now, enabled=enabled
+        )
+        errors.update(schedule_errors)
+    if errors:
+        raise ValidationError(errors, value=params)
+
+    if "name" not in clean:
+        # Absent or null: upstream names the task after the URL exactly as sent.
+        raw = params.get("url")
+        name = _CRON_NAME_PREFIX + (raw if type(raw) is str else url)
+        if len(name) > MAX_SHORT_TEXT:
+            name = name[: MAX_SHORT_TEXT - 1] + "\u2026"
+    else:
+        name = clean["name"]
+        if name is None:  # explicit blank: the URL's host, as the model does
+            name = url_host(url) or ""
+    headers = clean["headers"]
+    get = clean.get
+    return NewCronTask(
+        name=name,
+        url=url,
+        method=clean["method"],
+        headers_json=orjson.dumps(headers) if headers else _EMPTY_HEADERS_JSON,
+        body=get("body"),
+        timeout_ms=clean["timeout_ms"],
+        retry_attempts=clean["retry_attempts"],
+        callback_url=get("callback_url"),
+        expected_status_codes=get("expected_status_codes"),
+        expected_body_pattern=get("expected_body_pattern"),
+        queue=get("queue"),
+        notify_on_failure=get("notify_on_failure"),
+        notify_on_recovery=get("notify_on_recovery"),
+        on_failure_url=get("on_failure_url"),
+        on_recovery_url=get("on_recovery_url"),
+        cron_expression=expression,
+        timezone=get("timezone"),
+        interval_minutes=interval,
+        next_run_at=next_run_at,
+        enabled=enabled,
+    )
+
+
+def derive_cron_schedule(
+    expression: str, timezone: str | None, *, tier: str, now: datetime, enabled: bool = True
+) -> tuple[int | None, datetime | None, dict[str, list[str]]]:
+    """``(interval_minutes, next_run_at, errors)`` of a cron schedule being saved.
+
+    The rules every path that saves a cron task applies (create, update, sync): the
+    expression and time zone must parse, the estimated interval must meet ``tier``'s
+    minimum (message on ``cron_expression``), and there must be a fire time after
+    ``now``. ``next_run_at`` is that fire time when ``enabled``, else None. ``errors``
+    maps fields to messages and is empty when the schedule is valid.
+    """
+    try:
+        schedule = cron.parse(expression, timezone)
+    except cron.CronError as exc:
+        return None, None, {exc.field: [exc.message]}
+    interval = cron.interval_minutes(expression)
+    refused = cron.min_interval_error(expression, tier)
+    if refused is not None:
+        return interval, None, {"cron_expression": [refused]}
+    first = schedule.next_after(now)
+    if first is None:
+        return interval, None, {"cron_expression": [cron.INVALID_EXPRESSION]}
+    return interval, first if enabled else None, {}
 
 
 def check_cron_expression(expression: str) -> str | None:
     """The ``cron_expression`` model rule: an error message, or None when valid.
-    Replaced together with ``parse_cron_create`` when cron support lands."""
-    return CRON_UNSUPPORTED
+    Time zone, tier and next-run rules are ``derive_cron_schedule``'s."""
+    try:
+        cron.parse(expression)
+    except cron.CronError as exc:
+        return exc.message
+    return None
 
 
 # parse_create's view of the current second. datetime.replace() alone costs more than
@@ -741,6 +872,31 @@ _ONCE_RULES = {
     for key, rule in _MODEL_RULES.items()
     if key not in ("schedule_type", "cron_expression", "scheduled_at", "enabled")
 }
+
+
+def _timezone(value: Any) -> str:
+    if type(value) is not str:
+        raise _Invalid(INVALID)
+    try:
+        cron.zone(value)
+    except cron.CronError as exc:
+        raise _Invalid(exc.message) from None
+    return value
+
+
+# A cron create: the model rules plus the task's time zone (DECISIONS 19).
+_CRON_RULES = dict(_MODEL_RULES, timezone=_timezone)
+
+# Request key → model field of a cron create (§1.5.1), in the model's order.
+_CRON_PARAMS = (
+    ("name", "name"), ("url", "url"), ("method", "method"), ("headers", "headers"), ("body", "body"),
+    ("cron", "cron_expression"), ("timezone", "timezone"), ("enabled", "enabled"),
+    ("timeout_ms", "timeout_ms"), ("retry_attempts", "retry_attempts"), ("callback_url", "callback_url"),
+    ("expected_status_codes", "expected_status_codes"), ("expected_body_pattern", "expected_body_pattern"),
+    ("queue", "queue"), ("notify_on_failure", "notify_on_failure"), ("notify_on_recovery", "notify_on_recovery"),
+    ("on_failure_url", "on_failure_url"), ("on_recovery_url", "on_recovery_url"),
+)
+_CRON_NAME_PREFIX = "Cron: "
 
 # Columns that cannot be null: an explicit blank value is an error rather than null.
 _NOT_NULL = frozenset(("url", "method", "headers", "schedule_type", "enabled", "timeout_ms", "retry_attempts"))

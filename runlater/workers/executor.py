@@ -43,6 +43,7 @@ from runlater.workers.hostblock import HostBlocker
 from runlater.workers.httpclient import ClientError, HttpClient, RequestTimeout
 from runlater.workers.notify import Notifier
 from runlater.workers.retry_after import parse_retry_after
+from runlater.workers.scheduler import Scheduler
 from runlater.workers.signing import upstream_signature, webhook_headers
 
 log = logging.getLogger("runlater.executor")
@@ -482,9 +483,18 @@ async def _main(settings: Settings, dsn: str, index: int, heartbeat: Callable[[]
             await asyncio.sleep(1.0)
 
     beating = loop.create_task(beat(), name="heartbeat")
+    # Every executor contends for the one scheduler leadership (an advisory lock), so
+    # cron keeps running while any executor anywhere is alive.
+    scheduler = Scheduler(dsn, name=f"scheduler-{index}")
+    scheduling = loop.create_task(scheduler.run(stop), name=f"scheduler-{index}")
     try:
         await executor.run(stop, ready)
     finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(scheduling, 5)
+        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - its session ends with us anyway
+            scheduling.cancel()
         beating.cancel()
         await client.close()
         await db.close()
