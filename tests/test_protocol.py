@@ -22,11 +22,17 @@ import pytest
 import uvloop
 
 from runlater.http.messages import Response
-from runlater.http.protocol import HttpProtocol, ProtocolConfig, encode_response
+from runlater.http.protocol import (
+    HttpProtocol,
+    ProtocolConfig,
+    _HttpDate,
+    encode_response,
+)
 
 CORPUS = Path(__file__).parent / "http_requests"
 WAIT = 5.0  # upper bound on any wait; the happy path never gets near it
 OK_BODY = b'{"ok":true}'
+DATE = b"date: Thu, 01 Jan 2026 00:00:00 GMT\r\n"
 
 
 # --- harness ---------------------------------------------------------------------------------
@@ -315,21 +321,33 @@ def test_date_header_is_current_http_date(loop):
     assert abs(email.utils.parsedate_to_datetime(second.headers["date"]).timestamp() - sent.timestamp()) <= 1
 
 
+def test_date_line_is_reformatted_when_its_second_is_over():
+    date = _HttpDate()
+    before = time.time()
+    line = date.refresh(100.0)
+    assert line.startswith(b"date: ") and line.endswith(b" GMT\r\n")
+    sent = email.utils.parsedate_to_datetime(line[6:-2].decode()).timestamp()
+    assert int(before) <= sent <= time.time()
+    # Valid until the next wall-clock second, measured on the loop clock passed in.
+    assert 100.0 < date.expires <= 101.0
+    assert date.line is line
+
+
 @pytest.mark.parametrize("status", [204, 304])
 def test_no_content_statuses_carry_no_length_type_or_body(status):
-    wire = encode_response(Response(status, b""), 1, False)
+    wire = encode_response(Response(status, b""), 1, False, DATE)
     assert wire.startswith(b"HTTP/1.1 %d " % status)
     assert b"content-length" not in wire and b"content-type" not in wire
     assert wire.endswith(b"\r\n\r\n")
 
 
 def test_empty_body_has_length_zero_and_no_content_type():
-    wire = encode_response(Response(200, b""), 1, False)
+    wire = encode_response(Response(200, b""), 1, False, DATE)
     assert b"content-length: 0\r\n" in wire and b"content-type" not in wire
 
 
 def test_unknown_status_code_keeps_an_empty_reason():
-    assert encode_response(Response(599, b"x", content_type=b"text/plain"), 0, False).startswith(
+    assert encode_response(Response(599, b"x", content_type=b"text/plain"), 0, False, DATE).startswith(
         b"HTTP/1.1 599 \r\ncontent-type: text/plain\r\ncontent-length: 1\r\n"
     )
 
@@ -506,6 +524,27 @@ def test_header_trickled_byte_by_byte_is_431_before_it_ends(loop):
     assert fed <= 128 + 2  # the limit plus the chunk the request began in, plus the byte over
 
 
+def test_many_small_requests_in_one_large_read_are_not_mistaken_for_large_headers(loop):
+    # The read is far over the header limit, but each request's own header block is small.
+    conn = Conn(loop, ok_handler, ProtocolConfig(max_header_bytes=64))
+    conn.feed([b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n" * 30])
+    assert [a.status for a in conn.answers()] == [200] * 30
+
+
+def test_large_header_block_behind_small_requests_in_one_read_is_431(loop):
+    conn = Conn(loop, ok_handler, ProtocolConfig(max_header_bytes=64))
+    conn.feed([b"GET /a HTTP/1.1\r\n\r\n" * 3 + b"GET /b HTTP/1.1\r\nX-Big: " + b"b" * 64 + b"\r\n\r\n"])
+    assert [a.status for a in conn.answers()] == [200, 200, 200, 431]
+
+
+def test_header_block_exactly_at_the_limit_is_accepted(loop):
+    # url 2 + "X: " + value + CRLF (4 counted per header) = the limit
+    value = b"v" * (64 - 2 - 1 - 4)
+    conn = Conn(loop, ok_handler, ProtocolConfig(max_header_bytes=64))
+    conn.feed([b"GET /a HTTP/1.1\r\nX: " + value + b"\r\n\r\n" + b"GET /a HTTP/1.1\r\nX: " + value + b"v\r\n\r\n"])
+    assert [a.status for a in conn.answers()] == [200, 431]
+
+
 def test_trailer_trickled_byte_by_byte_is_bounded(loop):
     config = ProtocolConfig(max_header_bytes=128, max_body_bytes=16)
     conn = Conn(loop, ok_handler, config)
@@ -552,8 +591,10 @@ def test_expect_continue_is_not_sent_to_http10(loop):
 def test_websocket_upgrade_is_answered_as_plain_http_and_frames_are_refused(loop):
     conn = Conn(loop, ok_handler)
     conn.feed([
-        b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n\x81\x85abcd"
+        (
+            b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n\x81\x85abcd"
+        )
     ])
     assert [a.status for a in conn.answers()] == [200, 400]
     assert conn.transport.is_closing()
@@ -568,8 +609,10 @@ def test_h2c_upgrade_then_more_requests_in_the_same_chunk(loop):
 
     conn = Conn(loop, handler)
     conn.feed([
-        b"GET /a HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQ\r\n\r\n"
-        b"GET /b HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\n\r\n"
+        (
+            b"GET /a HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQ\r\n\r\n"
+            b"GET /b HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\n\r\n"
+        )
     ])
     assert paths == ["/a", "/b", "/c"]
     assert not conn.transport.is_closing()

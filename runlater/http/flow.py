@@ -9,6 +9,9 @@ Reading stops for either of two independent reasons, and resumes only when neith
 
 ``stop()`` is a third, permanent reason: the connection will accept no more requests (it is
 closing), so nothing may resume reading again.
+
+The state is plain attributes, read on the protocol's per-answer path where a property call
+would cost more than the check; only the methods below change them.
 """
 
 from __future__ import annotations
@@ -17,52 +20,40 @@ import asyncio
 
 
 class FlowControl:
-    __slots__ = ("_transport", "_writing_paused", "_pipeline_full", "_stopped", "_reading")
+    __slots__ = ("pipeline_full", "reading", "stopped", "transport", "writing_paused")
 
     def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        self._writing_paused = False
-        self._pipeline_full = False
-        self._stopped = False
-        self._reading = True  # what we last asked of the transport
-
-    @property
-    def reading_paused(self) -> bool:
-        return not self._reading
-
-    @property
-    def writing_paused(self) -> bool:
-        return self._writing_paused
-
-    @property
-    def pipeline_full(self) -> bool:
-        return self._pipeline_full
+        self.transport = transport
+        self.writing_paused = False
+        self.pipeline_full = False
+        self.stopped = False
+        self.reading = True  # what we last asked of the transport
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
+        self.writing_paused = True
         self._update()
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
+        self.writing_paused = False
         self._update()
 
     def set_pipeline_full(self, full: bool) -> None:
-        self._pipeline_full = full
+        self.pipeline_full = full
         self._update()
 
     def stop(self) -> None:
-        self._stopped = True
+        self.stopped = True
         self._update()
 
     def _update(self) -> None:
-        want = not (self._writing_paused or self._pipeline_full or self._stopped)
-        if want == self._reading:
+        want = not (self.writing_paused or self.pipeline_full or self.stopped)
+        if want == self.reading:
             return
-        self._reading = want
+        self.reading = want
         # A closing transport has already stopped reading, and some transports raise if asked again.
-        if self._transport.is_closing():
+        if self.transport.is_closing():
             return
         if want:
-            self._transport.resume_reading()
+            self.transport.resume_reading()
         else:
-            self._transport.pause_reading()
+            self.transport.pause_reading()

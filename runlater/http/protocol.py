@@ -1,10 +1,11 @@
 """HTTP/1.1 server protocol: httptools parses, handlers answer, responses go out in request order.
 
-One ``HttpProtocol`` per TCP connection owns the parser, the timers and the queue of requests
+One ``HttpProtocol`` per TCP connection owns the parser, its one timer and the queue of requests
 waiting for their answers. An ``_Exchange`` is created only for a request whose answer is not
 ready when the handler returns (a future or a coroutine), or that has to wait behind an earlier
 unanswered request; the common case -- a handler returning a ``Response`` on an otherwise idle
-connection -- allocates nothing beyond the ``Request`` and the bytes written.
+connection -- allocates no bookkeeping of its own: the ``Request``, its fields and the bytes
+written are all there is.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from time import time
-from typing import Any, Awaitable, Callable, Union
+from typing import Union
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -33,7 +35,7 @@ Handler = Callable[[Request], HandlerResult]
 
 @dataclass(frozen=True, slots=True)
 class ProtocolConfig:
-    max_header_bytes: int = 16384  # request line + header block; beyond it: 431 and close
+    max_header_bytes: int = 16384  # request target + header fields (each name + value + 4); else 431, close
     max_body_bytes: int = 1048576  # declared or received body; beyond it: 413 and close
     keepalive_timeout: float = 5.0  # idle keep-alive connection is closed silently
     header_timeout: float = 10.0  # first byte of a request to the end of its headers; then 408
@@ -68,46 +70,58 @@ def _status_line(status: int) -> bytes:
 
 
 class _HttpDate:
-    """The ``date`` header line, formatted at most once per wall-clock second."""
+    """The ``date`` header line, formatted again only once a wall-clock second has passed.
 
-    __slots__ = ("_second", "_line")
+    Keyed on the event loop's clock, which the protocol reads anyway: the common case is one
+    comparison, and the wall clock is read once a second. Every loop in a process (uvloop or
+    asyncio) counts from CLOCK_MONOTONIC, so one instance serves them all.
+    """
+
+    __slots__ = ("expires", "line")
 
     def __init__(self) -> None:
-        self._second = -1
-        self._line = b""
+        self.line = b""
+        self.expires = float("-inf")
 
-    def line(self) -> bytes:
-        now = time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._line = b"date: " + formatdate(second, usegmt=True).encode() + b"\r\n"
-        return self._line
+    def refresh(self, now: float) -> bytes:
+        wall = time()
+        second = int(wall)
+        self.line = b"date: " + formatdate(second, usegmt=True).encode() + b"\r\n"
+        self.expires = now + (second + 1 - wall)
+        return self.line
 
 
 _date = _HttpDate()
 
 
-def encode_response(response: Response, keep_alive: int, head: bool) -> bytes:
-    """The full wire form of ``response``; for HEAD the same head without the body."""
+def encode_response(response: Response, keep_alive: int, head: bool, date: bytes) -> bytes:
+    """The wire form of ``response``: for HEAD the same head without the body.
+
+    ``keep_alive`` indexes ``_CONNECTION``; ``date`` is the whole ``date: ...\r\n`` line.
+    """
     status = response.status
     headers = response.headers
     extra = b"".join([name + b": " + value + b"\r\n" for name, value in headers]) if headers else b""
     if status in _NO_CONTENT:
-        return b"%s%s%s%s\r\n" % (_status_line(status), _date.line(), extra, _CONNECTION[keep_alive])
+        return b"%s%s%s%s\r\n" % (_status_line(status), date, extra, _CONNECTION[keep_alive])
     body = response.body
     content_type = response.content_type
-    if body and content_type is not None:
-        start = b"%scontent-type: %s\r\ncontent-length: %d\r\n%s%s%s\r\n" % (
-            _status_line(status), content_type, len(body), _date.line(), extra, _CONNECTION[keep_alive],
+    if not body:
+        return b"%scontent-length: 0\r\n%s%s%s\r\n" % (_status_line(status), date, extra, _CONNECTION[keep_alive])
+    if content_type is None:
+        head_bytes = b"%scontent-length: %d\r\n%s%s%s\r\n" % (
+            _status_line(status), len(body), date, extra, _CONNECTION[keep_alive],
         )
-    else:
-        start = b"%scontent-length: %d\r\n%s%s%s\r\n" % (
-            _status_line(status), len(body), _date.line(), extra, _CONNECTION[keep_alive],
+        return head_bytes if head else head_bytes + body
+    if head:
+        return b"%scontent-type: %s\r\ncontent-length: %d\r\n%s%s%s\r\n" % (
+            _status_line(status), content_type, len(body), date, extra, _CONNECTION[keep_alive],
         )
-    if head or not body:
-        return start
-    return start + body
+    # The common case, built with one formatting operation and no intermediate head bytes.
+    return b"%scontent-type: %s\r\ncontent-length: %d\r\n%s%s%s\r\n%s" % (
+        _STATUS_LINES.get(status) or _status_line(status), content_type, len(body), date, extra,
+        _CONNECTION[keep_alive], body,
+    )
 
 
 def _framework_error(status: int, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
@@ -118,6 +132,19 @@ def _framework_error(status: int, headers: list[tuple[bytes, bytes]] | None = No
 _ERRORS: dict[int, Response] = {s: _framework_error(s) for s in (400, 408, 413, 431, 500)}
 _INTERNAL_ERROR = _ERRORS[500]
 _UNAVAILABLE = _framework_error(503, [(b"retry-after", b"1")])
+
+# Header names as common clients spell them (Go and k6 canonicalise, curl and Python use
+# Title-Case, Node lower case), mapped to their lower-case str once; others are decoded per request.
+_HEADER_NAMES: dict[bytes, str] = {
+    spelling.encode(): name.lower()
+    for name in (
+        "Host", "User-Agent", "Accept", "Accept-Encoding", "Accept-Language", "Authorization",
+        "Connection", "Content-Type", "Content-Length", "Transfer-Encoding", "Expect", "Upgrade",
+        "Idempotency-Key", "Cache-Control", "Cookie", "Origin", "Referer", "X-Forwarded-For",
+        "X-Forwarded-Proto", "X-Real-Ip", "X-Request-Id", "Traceparent",
+    )
+    for spelling in (name, name.lower())
+}
 
 # Method names are a small closed set in practice; skip decoding them per request.
 _METHODS: dict[bytes, str] = {
@@ -147,7 +174,7 @@ _CLOSED_TIMER = float("-inf")
 class _Exchange:
     """A request whose answer is awaited, kept in arrival order in ``HttpProtocol._pipeline``."""
 
-    __slots__ = ("protocol", "request", "keep_alive", "head", "response")
+    __slots__ = ("head", "keep_alive", "protocol", "request", "response")
 
     def __init__(self, protocol: HttpProtocol, request: Request | None, keep_alive: int, head: bool) -> None:
         self.protocol = protocol
@@ -167,16 +194,16 @@ class _Exchange:
 
 
 def _outcome(future: asyncio.Future, request: Request | None) -> Response:
-    if future.cancelled():
+    try:
+        result = future.result()  # also marks a failure as retrieved
+    except asyncio.CancelledError:
         return _UNAVAILABLE
-    exc = future.exception()
-    if exc is None:
-        result = future.result()
-        if isinstance(result, Response):
-            return result
-        logger.error("handler for %s resolved to %r, not a Response", _describe(request), type(result).__name__)
+    except Exception as exc:
+        logger.error("handler for %s failed", _describe(request), exc_info=exc)
         return _INTERNAL_ERROR
-    logger.error("handler for %s failed", _describe(request), exc_info=exc)
+    if isinstance(result, Response):
+        return result
+    logger.error("handler for %s resolved to %r, not a Response", _describe(request), type(result).__name__)
     return _INTERNAL_ERROR
 
 
@@ -198,16 +225,17 @@ class HttpProtocol(asyncio.Protocol):
     pipelined answers, a ``100 Continue``) is coalesced into one ``transport.write``.
     """
 
-    __slots__ = (
+    __slots__ = (  # noqa: RUF023 -- grouped by lifetime, not sorted
         # server-wide, fixed at construction
         "_handler", "_config", "_loop", "_connections",
         "_max_header", "_max_body", "_max_message", "_max_pipeline",
+        "_keepalive_timeout", "_header_timeout", "_body_timeout",
         # connection
         "_transport", "_flow", "_parser", "_client", "_pipeline", "_out",
         "_accepting", "_closing", "_close_when_done",
-        "_phase", "_deadline", "_timer", "_timer_at", "_now", "_chunk_len", "_message_bytes",
+        "_phase", "_deadline", "_timer", "_timer_at", "_now", "_chunk_len", "_message_bytes", "_begin_len",
         # request being parsed
-        "_url", "_raw_headers", "_headers", "_header_bytes", "_body", "_body_bytes", "_continue_pending",
+        "_url", "_headers", "_trailer_bytes", "_body", "_body_bytes", "_continue_pending",
     )
 
     def __init__(
@@ -229,13 +257,16 @@ class HttpProtocol(asyncio.Protocol):
         # room for any sane chunking.
         self._max_message = config.max_header_bytes + 2 * config.max_body_bytes + 4096
         self._max_pipeline = config.max_pipeline
+        self._keepalive_timeout = config.keepalive_timeout
+        self._header_timeout = config.header_timeout
+        self._body_timeout = config.body_timeout
 
         self._transport: asyncio.Transport | None = None
         self._flow: FlowControl | None = None
         self._parser: httptools.HttpRequestParser | None = None
         self._client = ""
         self._pipeline: deque[_Exchange] = deque()
-        self._out: list[bytes] = []  # written by _push(), once per data_received or flush
+        self._out: list[bytes] = []  # answers due, written together at the end of data_received or _flush
         self._accepting = False  # parse further requests
         self._closing = False  # transport.close() is due (or done); nothing more will be written
         self._close_when_done = False  # shutdown() or eof: close once the last answer is out
@@ -244,13 +275,16 @@ class HttpProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = _NO_TIMER  # when _timer fires; -inf once closing, so nothing re-arms
         self._now = 0.0  # loop.time() at the start of the current data_received
+        # Size accounting for the request being received, in whole chunks: _message_bytes is
+        # every chunk it has touched so far (an upper bound on its size), _begin_len the first
+        # of them, which may also hold the end of the previous request.
         self._chunk_len = 0
-        self._message_bytes = 0  # wire bytes of the current request after the chunk it began in
+        self._message_bytes = 0
+        self._begin_len = 0
 
         self._url = b""
-        self._raw_headers: list[tuple[bytes, bytes]] = []
         self._headers: dict[str, str] = {}
-        self._header_bytes = 0
+        self._trailer_bytes = 0
         self._body: list[bytes] = []
         self._body_bytes = 0
         self._continue_pending = False
@@ -268,7 +302,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._connections is not None:
             self._connections.add(self)
         # A connection that never sends a byte is as idle as one between requests.
-        self._arm(self._loop.time() + self._config.keepalive_timeout)
+        self._arm(self._loop.time() + self._keepalive_timeout)
 
     def data_received(self, data: bytes) -> None:
         if not self._accepting:
@@ -276,7 +310,9 @@ class HttpProtocol(asyncio.Protocol):
         self._now = self._loop.time()
         parser = self._parser
         while True:
-            self._chunk_len = len(data)
+            self._chunk_len = size = len(data)
+            if self._phase != _IDLE:
+                self._message_bytes += size
             try:
                 parser.feed_data(data)
             except httptools.HttpParserUpgrade as exc:
@@ -304,17 +340,21 @@ class HttpProtocol(asyncio.Protocol):
             break
         phase = self._phase
         if phase != _IDLE and self._accepting:
-            # httptools buffers a header (or trailer) line until it ends, out of sight of on_header,
-            # so a line trickled in small chunks is bounded here by the bytes received for the
-            # request so far.
-            self._message_bytes += self._chunk_len
+            # httptools buffers a header (or trailer) line until it ends, out of sight of
+            # on_header, so a line trickled in small chunks is bounded here, by the bytes that
+            # arrived for this request after the chunk it began in (those are all its own).
+            beyond = self._message_bytes - self._begin_len
             if phase == _HEADERS:
-                if self._message_bytes > self._max_header:
+                if beyond > self._max_header:
                     self._reject(431)
-            elif self._message_bytes > self._max_message:
+            elif beyond > self._max_message:
                 self._reject(413)
-        if self._out or self._closing:
-            self._push()
+        out = self._out
+        if out:
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+        if self._closing:
+            self._transport.close()
 
     def eof_received(self) -> bool | None:
         self._accepting = False
@@ -360,44 +400,54 @@ class HttpProtocol(asyncio.Protocol):
 
     # --- parser callbacks (inside data_received) ---------------------------------------------
 
+    # The deadline stores below are _arm() inlined: they run several times per request, and
+    # only a deadline earlier than the pending timer needs the call.
+
     def on_message_begin(self) -> None:
         self._phase = _HEADERS
-        self._arm(self._now + self._config.header_timeout)
+        self._deadline = deadline = self._now + self._header_timeout
+        if deadline < self._timer_at:
+            self._arm(deadline)
         self._url = b""
-        self._raw_headers.clear()
-        self._header_bytes = 0
-        # This chunk's bytes before the request began belong to the previous one; see data_received.
-        self._message_bytes = -self._chunk_len
+        self._headers = {}
+        self._message_bytes = self._begin_len = self._chunk_len
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._header_bytes += len(url)
-        if self._header_bytes > self._max_header:
-            raise _Reject(431)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Trailers of a chunked body arrive here too, after on_headers_complete: they count against
-        # the same limit and land in a list nobody reads again.
-        self._raw_headers.append((name, value))
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self._max_header:
-            raise _Reject(431)
+        # The header block's size is checked once, in on_headers_complete.
+        if self._phase != _HEADERS:
+            # A trailer of a chunked body: held to the header limit, otherwise ignored.
+            self._trailer_bytes += len(name) + len(value) + 4
+            if self._trailer_bytes > self._max_header:
+                raise _Reject(431)
+            return
+        key = _HEADER_NAMES.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+        # llhttp strips leading whitespace but keeps trailing OWS, which is not part of the value.
+        text = value.decode("latin-1").rstrip(" \t")
+        headers = self._headers
+        if key in headers:
+            headers[key] = headers[key] + ", " + text
+        else:
+            headers[key] = text
 
     def on_headers_complete(self) -> None:
         self._phase = _BODY
-        self._arm(self._now + self._config.body_timeout)
-        headers: dict[str, str] = {}
-        for raw_name, raw_value in self._raw_headers:
-            name = raw_name.decode("latin-1").lower()
-            # llhttp strips leading whitespace but keeps trailing OWS, which is not part of the value.
-            value = raw_value.decode("latin-1").rstrip(" \t")
-            if name in headers:
-                headers[name] = headers[name] + ", " + value
-            else:
-                headers[name] = value
-        self._raw_headers.clear()
-        self._headers = headers
+        self._deadline = deadline = self._now + self._body_timeout
+        if deadline < self._timer_at:
+            self._arm(deadline)
+        headers = self._headers
+        if self._message_bytes > self._max_header:
+            # The chunks the headers came in exceed the limit, so the block itself might: measure
+            # it. Only large reads pay for this; a request in one small read never does.
+            size = len(self._url) + sum([len(name) + len(value) + 4 for name, value in headers.items()])
+            if size > self._max_header:
+                raise _Reject(431)
         self._body_bytes = 0
+        self._trailer_bytes = 0
 
         length = headers.get("content-length")
         if length is not None:
@@ -407,11 +457,14 @@ class HttpProtocol(asyncio.Protocol):
                 raise _Reject(400) from None
             if declared > self._max_body:
                 raise _Reject(413)
-        if "upgrade" in headers and self._parser.should_upgrade():
-            # llhttp hands the body of an upgrade request over as the new protocol's bytes, so
-            # such a body could never reach the handler.
-            if (length is not None and length != "0") or "transfer-encoding" in headers:
-                raise _Reject(400)
+        # llhttp hands the body of an upgrade request over as the new protocol's bytes, so such a
+        # body could never reach the handler.
+        if (
+            "upgrade" in headers
+            and ((length is not None and length != "0") or "transfer-encoding" in headers)
+            and self._parser.should_upgrade()
+        ):
+            raise _Reject(400)
         expect = headers.get("expect")
         if expect is not None and expect.lower() == "100-continue" and self._parser.get_http_version() == "1.1":
             if self._pipeline:
@@ -438,10 +491,12 @@ class HttpProtocol(asyncio.Protocol):
         try:
             if raw_path is None:
                 path = "/"
-            elif b"%" in raw_path:
-                path = unquote_to_bytes(raw_path).decode()
             else:
+                # Test for "%" on the str: `bytes in bytes` first tries the operand as an int
+                # and pays for a TypeError, which measured as a third of this callback.
                 path = raw_path.decode()
+                if "%" in path:
+                    path = unquote_to_bytes(raw_path).decode()
         except UnicodeDecodeError:
             raise _Reject(400) from None
         query = url.query
@@ -496,8 +551,9 @@ class HttpProtocol(asyncio.Protocol):
             self._enqueue(exchange)
         else:
             self._send(result, keep_alive, head)
-            if not self._closing:
-                self._arm(self._now + self._config.keepalive_timeout)
+            self._deadline = deadline = self._now + self._keepalive_timeout
+            if deadline < self._timer_at:
+                self._arm(deadline)
 
     def _wait_for(self, future: asyncio.Future, request: Request, keep_alive: int, head: bool) -> None:
         exchange = _Exchange(self, request, keep_alive, head)
@@ -512,13 +568,14 @@ class HttpProtocol(asyncio.Protocol):
 
     def _flush(self) -> None:
         """Send every answer at the head of the pipeline that is ready (called from on_done)."""
+        self._now = now = self._loop.time()
         pipeline = self._pipeline
         while pipeline and not self._closing:
-            head = pipeline[0]
-            if head.response is None:
+            first = pipeline[0]
+            if first.response is None:
                 break
             pipeline.popleft()
-            self._send(head.response, head.keep_alive, head.head)
+            self._send(first.response, first.keep_alive, first.head)
         if self._closing:
             pipeline.clear()
         else:
@@ -529,15 +586,17 @@ class HttpProtocol(asyncio.Protocol):
                     self._continue_pending = False
                     self._out.append(_CONTINUE)
                     # The client has been waiting on us, not the other way round.
-                    self._arm(self._loop.time() + self._config.body_timeout)
+                    self._arm(now + self._body_timeout)
                 elif self._phase == _IDLE:
-                    self._arm(self._loop.time() + self._config.keepalive_timeout)
+                    self._arm(now + self._keepalive_timeout)
         self._push()
 
     def _send(self, response: Response, keep_alive: int, head: bool) -> None:
         if keep_alive and self._close_when_done and not self._pipeline and self._phase == _IDLE:
             keep_alive = 0
-        self._out.append(encode_response(response, keep_alive, head))
+        now = self._now
+        date = _date.line if now < _date.expires else _date.refresh(now)
+        self._out.append(encode_response(response, keep_alive, head, date))
         if not keep_alive:
             self._begin_close()
 
@@ -601,10 +660,9 @@ class HttpProtocol(asyncio.Protocol):
         if phase == _IDLE and self._pipeline:
             return  # waiting on our handlers, not on the client; _flush re-arms when they finish
         now = self._loop.time()
-        if self._flow.reading_paused:
+        if not self._flow.reading:
             # We stopped reading (backpressure), so the client cannot be late.
-            config = self._config
-            timeout = (config.keepalive_timeout, config.header_timeout, config.body_timeout)[phase]
+            timeout = (self._keepalive_timeout, self._header_timeout, self._body_timeout)[phase]
             self._deadline = now + timeout
         if now + _TIMER_SLACK < self._deadline:
             self._arm(self._deadline)
@@ -612,6 +670,7 @@ class HttpProtocol(asyncio.Protocol):
         if phase == _IDLE:
             self._begin_close()
         else:
+            self._now = now
             logger.debug("request from %s timed out while receiving its %s", self._client,
                          "headers" if phase == _HEADERS else "body")
             self._reject(408)
