@@ -219,3 +219,19 @@ def test_without_reuse_port_a_second_bind_fails(loop):
         await stop(first)
 
     run(loop, scenario())
+
+
+def test_drain_alone_also_stops_accepting(loop):
+    async def scenario():
+        server = await start(echo_path)
+        client = await Client.connect(server)
+        client.send(b"GET /x HTTP/1.1\r\n\r\n")
+        assert (await client.response())[0] == 200
+        await server.drain(WAIT)
+        assert server.sockets_count == 0 and server.connection_count == 0
+        assert await client.at_eof()
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", server.port)
+        await client.close()
+
+    run(loop, scenario())

@@ -70,7 +70,10 @@ class HttpServer:
 
         Idle connections close at once; busy ones answer their last request with
         ``connection: close``. Whatever is still open after ``timeout`` seconds is aborted.
+        The listener is closed first if it is still open: a connection accepted during the
+        drain would otherwise be left out of it.
         """
+        self._server.close()
         connections = self._connections
         for protocol in list(connections):
             protocol.shutdown()
@@ -82,8 +85,7 @@ class HttpServer:
             # abort() schedules connection_lost for the next loop iteration; waiting here means
             # drain() returns with every connection really gone.
             await connections.empty.wait()
-        if not self._server.is_serving():
-            await self._server.wait_closed()
+        await self._server.wait_closed()
 
 
 def _listening_socket(host: str, port: int, reuse_port: bool, backlog: int) -> socket.socket:
