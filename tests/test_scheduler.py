@@ -137,13 +137,15 @@ def cursors(dsn: str, task_ids: list[uuid.UUID]) -> set[datetime | None]:
     return {r[0] for r in sql(dsn, "SELECT next_run_at FROM tasks WHERE id = ANY($1)", task_ids)}
 
 
-def tick(dsn: str, now: datetime, **kw: Any):
+def tick(dsn: str, now: datetime, writers: int = 0, **kw: Any):
+    """One tick at ``now``; with ``writers``, chunk writes go to that many extra sessions."""
     async def go():
-        conn = await asyncpg.connect(dsn)
+        conns = [await asyncpg.connect(dsn) for _ in range(1 + writers)]
         try:
-            return await Scheduler(dsn, clock=Clock(now), **kw).tick(conn)
+            return await Scheduler(dsn, clock=Clock(now), **kw).tick(conns[0], None, conns[1:] or None)
         finally:
-            await conn.close()
+            for c in conns:
+                await c.close()
 
     return run(go())
 
@@ -184,6 +186,27 @@ class TestTick:
         assert len(executions(dsn, edge)) == 1
         assert executions(dsn, later) == [] and cursor(dsn, later) == T + timedelta(seconds=6)
 
+    def test_slow_ticks_widen_the_lookahead(self, dsn):
+        org = make_org(dsn)
+        task = add_task(dsn, org.id, next_run_at=T + timedelta(seconds=15))
+        scheduler = Scheduler(dsn, clock=Clock(T))
+        assert scheduler.effective_lookahead() == timedelta(seconds=5)
+        scheduler.slow_tick = 8.0  # a tick that took 8 s: look 16 s ahead
+        assert scheduler.effective_lookahead() == timedelta(seconds=16)
+        scheduler.slow_tick = 100.0
+        assert scheduler.effective_lookahead() == timedelta(seconds=30)
+
+        async def go() -> None:
+            conn = await asyncpg.connect(dsn)
+            try:
+                await scheduler.tick(conn)
+            finally:
+                await conn.close()
+
+        run(go())
+        assert [e["scheduled_for"] for e in executions(dsn, task)] == [T + timedelta(seconds=15)]
+        assert scheduler.slow_tick == pytest.approx(99.0, rel=0.01)  # decays by 1 % per quick tick
+
     def test_disabled_deleted_and_unscheduled_tasks_are_left_alone(self, dsn):
         org = make_org(dsn)
         tasks = [add_task(dsn, org.id, enabled=False), add_task(dsn, org.id, deleted=True),
@@ -202,10 +225,11 @@ class TestTick:
         assert [e["scheduled_for"] for e in executions(dsn, task)] == [slot]
         assert cursor(dsn, task) == datetime(2030, 3, 31, 7, 0, tzinfo=UTC)
 
-    def test_many_tasks_in_chunks(self, dsn):
+    @pytest.mark.parametrize("writers", [0, 2])
+    def test_many_tasks_in_chunks(self, dsn, writers):
         org = make_org(dsn)
         tasks = add_tasks(dsn, org.id, 20, "*/5 * * * *")
-        stats = tick(dsn, T - timedelta(seconds=1), chunk_size=7)
+        stats = tick(dsn, T - timedelta(seconds=1), writers, chunk_size=7)
         assert (stats.chunks, stats.due, stats.pending) == (3, 20, 20)
         rows = sql(dsn, "SELECT task_id, scheduled_for FROM executions")
         assert sorted(r["task_id"] for r in rows) == sorted(tasks)
@@ -282,7 +306,7 @@ class TestCatchUp:
         task = add_task(dsn, org.id, next_run_at=T - 250 * MINUTE)
         counts = []
         for _ in range(3):
-            stats = tick(dsn, T)
+            stats = tick(dsn, T, writers=2, chunk_size=1)
             counts.append((stats.missed, stats.pending))
         assert counts == [(100, 0), (100, 0), (50, 1)]
         rows = executions(dsn, task)
@@ -354,13 +378,14 @@ class TestExactlyOnce:
         tasks = add_tasks(dsn, org.id, 300)
 
         async def go() -> list[int]:
-            conns = [await asyncpg.connect(dsn) for _ in range(2)]
+            conns = [await asyncpg.connect(dsn) for _ in range(4)]
             advanced = []
             try:
                 for minute in range(3):
                     clock = Clock(T + minute * MINUTE - timedelta(seconds=2))
                     pair = [Scheduler(dsn, clock=clock, chunk_size=50), Scheduler(dsn, clock=clock, chunk_size=70)]
-                    results = await asyncio.gather(pair[0].tick(conns[0]), pair[1].tick(conns[1]))
+                    results = await asyncio.gather(pair[0].tick(conns[0], None, conns[2:4]),
+                                                   pair[1].tick(conns[1]))
                     advanced.append(sum(r.advanced for r in results))
             finally:
                 for c in conns:

@@ -12,7 +12,8 @@ Leadership
 
 Tick (every ``tick_interval`` s, and at once on ``NOTIFY runlater_scheduler``)
     Due tasks are those enabled, live, with ``next_run_at <= now + lookahead``; the
-    lookahead (5 s) makes each execution exist before its second starts, so executors
+    lookahead (5 s; longer while ticks are slow, see ``effective_lookahead``) makes each
+    execution exist before its second starts, so executors
     (woken by ``NOTIFY runlater_executions`` with the earliest slot) start it on time.
     A tick pages through due tasks in chunks of ``chunk_size`` (keyset order on
     ``(next_run_at, id)``). For each chunk the fire times are computed in Python
@@ -76,6 +77,10 @@ SCHEDULER_CHANNEL = "runlater_scheduler"
 # Arbitrary but fixed, shared by every process: "rl-sched" in ASCII.
 SCHEDULER_LOCK_KEY = 0x726C2D7363686564
 MISSED_PER_TICK = 100
+# Bounds of the adaptive lookahead: below a minute, so an every-minute task has at most
+# one upcoming slot per tick; the slowest tick is forgotten by ~1 % per tick (per second).
+MAX_LOOKAHEAD = 30.0
+SLOW_TICK_DECAY = 0.99
 # DECISIONS 9 / CONTRACT "Tiers"; unknown tiers count as free, as upstream.
 MONTHLY_LIMITS: Mapping[str, int | None] = {"free": 10_000, "pro": 1_000_000, "unlimited": None}
 
@@ -125,11 +130,6 @@ def execution_ids(n: int) -> list[str]:
     return [text[i : i + 32] for i in range(0, 32 * n, 32)]
 
 
-def _array_literal(items: list[Any]) -> str:
-    """A PostgreSQL array literal of ids and numbers (None → NULL); see scheduler_advance."""
-    return "{" + ",".join(["NULL" if x is None else str(x) for x in items]) + "}"
-
-
 class _Chunk:
     """The parameters of one ``scheduler_advance`` call, built by ``Scheduler.plan``."""
 
@@ -156,9 +156,8 @@ class _Chunk:
         ids = iter(execution_ids(sum(runs) + len(self.missed_at)))
         run_ids = [next(ids) if r else None for r in runs]
         missed_ids = list(ids)
-        return (_array_literal(self.task_ids), _array_literal(self.task_schedules), _array_literal(run_ids),
-                self.olds, self.news, self.exprs, self.zones, self.run_ats,
-                missed_ids, self.missed_tasks, self.missed_at, now)
+        return (self.task_ids, self.task_schedules, run_ids, self.olds, self.news, self.exprs, self.zones,
+                self.run_ats, missed_ids, self.missed_tasks, self.missed_at, now)
 
 
 # A cron walk from one cursor: (slots up to now or the single upcoming slot, new
@@ -176,6 +175,7 @@ class Scheduler:
         lookahead: float = 5.0,
         retry_interval: float = 2.0,
         chunk_size: int = 5000,
+        writers: int = 2,
         monthly_limits: Mapping[str, int | None] = MONTHLY_LIMITS,
         clock: Callable[[], datetime] = utcnow,
         lock_key: int = SCHEDULER_LOCK_KEY,
@@ -184,8 +184,10 @@ class Scheduler:
         self.name = name
         self.tick_interval = tick_interval
         self.lookahead = timedelta(seconds=lookahead)
+        self.slow_tick = 0.0  # recent slowest tick (s), decaying; see effective_lookahead
         self.retry_interval = retry_interval
         self.chunk_size = chunk_size
+        self.writers = writers
         self.monthly_limits = monthly_limits
         self.clock = clock
         self.lock_key = lock_key
@@ -193,6 +195,7 @@ class Scheduler:
         self.ticks = 0
         self.last_tick: TickStats | None = None
         self._conn: asyncpg.Connection | None = None
+        self._writer_conns: list[asyncpg.Connection] = []
         self._wake: asyncio.Event | None = None
         self._stopping = False
 
@@ -220,7 +223,7 @@ class Scheduler:
                         await conn.add_listener(SCHEDULER_CHANNEL, self._on_notify)
                         log.info("%s is the scheduler leader", self.name)
                     self._wake.clear()
-                    stats = await self.tick(conn, stop)
+                    stats = await self.tick(conn, stop, await self._writer_connections())
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - any failure: step down, retry
@@ -236,15 +239,39 @@ class Scheduler:
             self._stopping = True
             await self._release()
 
+    async def _connect(self, role: str) -> asyncpg.Connection:
+        return await asyncpg.connect(
+            self.dsn, timeout=5, command_timeout=60,
+            server_settings={"application_name": f"runlater-{self.name}{role}", "synchronous_commit": "on"},
+        )
+
     async def _connection(self) -> asyncpg.Connection:
         conn = self._conn
         if conn is None or conn.is_closed():
             self.leader = False
-            conn = self._conn = await asyncpg.connect(
-                self.dsn, timeout=5, command_timeout=60,
-                server_settings={"application_name": f"runlater-{self.name}", "synchronous_commit": "on"},
-            )
+            conn = self._conn = await self._connect("")
         return conn
+
+    async def _writer_connections(self) -> list[asyncpg.Connection]:
+        """The leader's extra connections for chunk writes (opened on first use).
+
+        PostgreSQL's side of a chunk (the cursor UPDATE and the executions INSERT, with
+        their index entries) is most of a tick's cost; writing chunks on separate
+        sessions lets it use more than one core while this process reads and plans the
+        next chunk. Correctness does not depend on it: chunks touch disjoint tasks and
+        every write is guarded.
+        """
+        if any(c.is_closed() for c in self._writer_conns):
+            await self._close_writers()
+        while len(self._writer_conns) < self.writers:
+            self._writer_conns.append(await self._connect(f"-w{len(self._writer_conns) + 1}"))
+        return self._writer_conns
+
+    async def _close_writers(self) -> None:
+        conns, self._writer_conns = self._writer_conns, []
+        for c in conns:
+            if not c.is_closed():
+                c.terminate()
 
     async def _pause(self, stop: asyncio.Event, seconds: float, wakeable: bool = False) -> None:
         waiters = [asyncio.ensure_future(stop.wait())]
@@ -263,16 +290,18 @@ class Scheduler:
             due_in = float(payload) - self.clock().timestamp()
         except ValueError:
             due_in = 0.0
-        if due_in <= self.lookahead.total_seconds() + self.tick_interval and self._wake is not None:
+        if due_in <= self.effective_lookahead().total_seconds() + self.tick_interval and self._wake is not None:
             self._wake.set()
 
     async def _disconnect(self) -> None:
+        await self._close_writers()
         conn, self._conn = self._conn, None
         self.leader = False
         if conn is not None and not conn.is_closed():
             conn.terminate()  # ends the session, which frees the lock if we held it
 
     async def _release(self) -> None:
+        await self._close_writers()
         conn, self._conn = self._conn, None
         was_leader, self.leader = self.leader, False
         if conn is None or conn.is_closed():
@@ -288,16 +317,20 @@ class Scheduler:
 
     # -- one tick -----------------------------------------------------------------------
 
-    async def tick(self, conn: asyncpg.Connection, stop: asyncio.Event | None = None) -> TickStats:
+    async def tick(self, conn: asyncpg.Connection, stop: asyncio.Event | None = None,
+                   writers: list[asyncpg.Connection] | None = None) -> TickStats:
         """Materialise every slot due by now + lookahead, chunk by chunk, on ``conn``.
 
-        Callable directly (tests, benchmark): it needs no leadership, only a connection;
-        the guarded writes keep it correct even beside a running leader. Stops between
-        chunks when ``stop`` is set.
+        With ``writers``, chunk writes run on those connections, up to one per
+        connection at a time, while ``conn`` reads and the next chunk is planned;
+        without, everything runs on ``conn`` in turn. Callable directly (tests,
+        benchmark): it needs no leadership, only connections; the guarded writes keep
+        it correct even beside a running leader. Stops between chunks when ``stop`` is
+        set; returns once every started write has finished.
         """
         started = time.perf_counter()
         now = self.clock()
-        horizon = now + self.lookahead
+        horizon = now + self.effective_lookahead()
         stats = TickStats()
         used: dict[Any, int] = {}  # executions created this tick, per organisation
         memo: dict[tuple[Any, ...], _Walk] = {}
@@ -305,30 +338,80 @@ class Scheduler:
         # 100 slots): their tasks show up again further on and are left for the next
         # tick, so no task gets more than one turn per tick.
         revisit: set[tuple[Any, ...]] = set()
-        after_at, after_id = _BEFORE_ALL, _NIL
-        while True:
-            rows = await conn.fetch(Q.scheduler_due_tasks, horizon, after_at, after_id, self.chunk_size)
-            if not rows:
-                break
-            last = rows[-1]
-            after_at, after_id = last["next_run_at"], last["id"]
-            fresh = rows if not revisit else [r for r in rows if (r[3], r[4], r[5]) not in revisit]
-            if fresh:
-                chunk = self.plan(fresh, now, used, memo, horizon)
-                revisit.update(chunk.revisit)
-                result = await self._write(conn, chunk, now)
-                stats.due += len(fresh)
+        idle: asyncio.Queue[asyncpg.Connection] = asyncio.Queue()
+        for w in writers or ():
+            idle.put_nowait(w)
+        writing: set[asyncio.Task[tuple[_Chunk, asyncpg.Record]]] = set()
+
+        async def write(chunk: _Chunk) -> tuple[_Chunk, asyncpg.Record]:
+            c = await idle.get()
+            try:
+                return chunk, await self._write(c, chunk, now)
+            finally:
+                idle.put_nowait(c)
+
+        def count(done: set[asyncio.Task[tuple[_Chunk, asyncpg.Record]]]) -> None:
+            for task in done:
+                writing.discard(task)
+                chunk, result = task.result()
                 stats.advanced += result["advanced"]
                 stats.pending += result["pending"]
                 stats.missed += result["missed"]
-                stats.skipped += chunk.skipped
-                stats.chunks += 1
-            if len(rows) < self.chunk_size or (stop is not None and stop.is_set()):
-                break
+
+        after_at, after_id = _BEFORE_ALL, _NIL
+        try:
+            while True:
+                rows = await conn.fetch(Q.scheduler_due_tasks, horizon, after_at, after_id, self.chunk_size)
+                if not rows:
+                    break
+                last = rows[-1]
+                after_at, after_id = last["next_run_at"], last["id"]
+                fresh = rows if not revisit else [r for r in rows if (r[3], r[4], r[5]) not in revisit]
+                if fresh:
+                    chunk = self.plan(fresh, now, used, memo, horizon)
+                    revisit.update(chunk.revisit)
+                    stats.due += len(fresh)
+                    stats.skipped += chunk.skipped
+                    stats.chunks += 1
+                    if not writers:
+                        result = await self._write(conn, chunk, now)
+                        stats.advanced += result["advanced"]
+                        stats.pending += result["pending"]
+                        stats.missed += result["missed"]
+                    else:
+                        if len(writing) >= len(writers):
+                            done, _ = await asyncio.wait(writing, return_when=asyncio.FIRST_COMPLETED)
+                            count(done)
+                        writing.add(asyncio.create_task(write(chunk), name=f"{self.name}-write"))
+                if len(rows) < self.chunk_size or (stop is not None and stop.is_set()):
+                    break
+            if writing:
+                done, _ = await asyncio.wait(writing)
+                count(done)
+        finally:
+            # On failure or cancellation: stop the other writes too (each is one
+            # statement, so a cancelled one leaves nothing behind).
+            for task in writing:
+                task.cancel()
+            if writing:
+                await asyncio.gather(*writing, return_exceptions=True)
         stats.seconds = time.perf_counter() - started
+        self.slow_tick = max(stats.seconds, self.slow_tick * SLOW_TICK_DECAY)
         self.ticks += 1
         self.last_tick = stats
         return stats
+
+    def effective_lookahead(self) -> timedelta:
+        """How far ahead this tick looks: the configured lookahead, or twice the recent
+        slowest tick when that is longer (at most ``MAX_LOOKAHEAD``).
+
+        A minute in which 100,000 tasks are due takes seconds to write; with a fixed 5 s
+        lookahead its last slots would be written after their second began. The slow
+        tick of one such minute is remembered (decaying over a few minutes, because the
+        ticks in between are quick), so the next such minute starts early enough.
+        """
+        adaptive = timedelta(seconds=min(2 * self.slow_tick, MAX_LOOKAHEAD))
+        return max(self.lookahead, adaptive)
 
     @staticmethod
     async def _write(conn: asyncpg.Connection, chunk: _Chunk, now: datetime) -> asyncpg.Record:

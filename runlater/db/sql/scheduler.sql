@@ -61,9 +61,7 @@ LIMIT $4;
 -- of it is for. Tasks sharing a schedule share all of this, so the per-task arrays
 -- stay small:
 -- $1 task ids, $2 each task's schedule number, $3 the execution id of its run (NULL:
--- no run, e.g. over the monthly limit). These three come as array literals (text):
--- asyncpg checks every element of a list parameter against collections.abc, which
--- for 100,000 tasks costs more than the rest of the chunk's Python work.
+-- no run, e.g. over the monthly limit).
 -- $9..$11, one element per missed slot: execution id, task id, slot time.
 -- $12: the tick's "now".
 --
@@ -84,7 +82,7 @@ WITH schedule AS (
          WITH ORDINALITY AS s(old_next, new_next, cron_expression, timezone, run_at, n)
 ), task AS (
     SELECT *
-    FROM unnest($1::text::uuid[], $2::text::int[], $3::text::uuid[]) AS u(id, schedule, run_id)
+    FROM unnest($1::uuid[], $2::int[], $3::uuid[]) AS u(id, schedule, run_id)
 ), advanced AS (
     UPDATE tasks t
     SET next_run_at = s.new_next
