@@ -118,6 +118,7 @@ class Settings:
             body_timeout=_env_float(env, "RUNLATER_BODY_TIMEOUT", 30.0, 0.1, 3600),
             db_pool_size=_env_int(env, "RUNLATER_DB_POOL_SIZE", 8, 2, 500),
             db_acquire_timeout=_env_float(env, "RUNLATER_DB_ACQUIRE_TIMEOUT", 1.0, 0.05, 60),
+            db_query_timeout=_env_float(env, "RUNLATER_DB_QUERY_TIMEOUT", 3.0, 0.1, 3600),
             batch_max_rows=_env_int(env, "RUNLATER_BATCH_MAX_ROWS", 500, 1, 10_000),
             batch_max_backlog=_env_int(env, "RUNLATER_BATCH_MAX_BACKLOG", 20_000, 1, 1_000_000),
             batch_max_inflight=_env_int(env, "RUNLATER_BATCH_MAX_INFLIGHT", 3, 1, 64),
@@ -131,4 +132,3 @@ class Settings:
         if "data_dir" in values:
             values["data_dir"] = Path(values["data_dir"])  # type: ignore[arg-type]
         return cls(**values)  # type: ignore[arg-type]
-            db_query_timeout=_env_float(env, "RUNLATER_DB_QUERY_TIMEOUT", 3.0, 0.1, 3600),
