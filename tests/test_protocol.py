@@ -487,6 +487,17 @@ def test_handler_returning_something_else_is_500(loop, caplog):
     assert any("not a Response" in r.getMessage() for r in caplog.records)
 
 
+def test_malformed_response_from_a_future_is_500_and_does_not_stall_the_pipeline(loop, caplog):
+    future = loop.create_future()
+    conn = Conn(loop, lambda r: future if r.path == "/bad" else Response(200, OK_BODY))
+    conn.feed([b"GET /bad HTTP/1.1\r\n\r\nGET /next HTTP/1.1\r\n\r\n"])
+    with caplog.at_level(logging.ERROR, logger="runlater.http"):
+        future.set_result(Response(200, "not bytes"))
+        answers = conn.wait_answers(2)
+    assert [a.status for a in answers] == [500, 200]
+    assert any("cannot encode" in r.getMessage() for r in caplog.records)
+
+
 # --- limits, continue, upgrade ----------------------------------------------------------------
 
 

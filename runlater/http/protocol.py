@@ -596,7 +596,14 @@ class HttpProtocol(asyncio.Protocol):
             keep_alive = 0
         now = self._now
         date = _date.line if now < _date.expires else _date.refresh(now)
-        self._out.append(encode_response(response, keep_alive, head, date))
+        try:
+            wire = encode_response(response, keep_alive, head, date)
+        except Exception:
+            # A malformed Response (str where bytes belong, say) must not leave the request
+            # unanswered and everything behind it stuck.
+            logger.exception("cannot encode response with status %r", getattr(response, "status", None))
+            wire = encode_response(_INTERNAL_ERROR, keep_alive, head, date)
+        self._out.append(wire)
         if not keep_alive:
             self._begin_close()
 
