@@ -184,14 +184,6 @@ def test_run_at_in_the_past_is_422(api):
     assert doc["error"]["details"] == {"scheduled_at": ["must be in the future"]}
 
 
-def test_cron_is_refused_until_cron_support_lands(api, sql, org):
-    status, _, doc = api.post("/api/v1/tasks", {"url": "https://example.com", "cron": "0 * * * *"})
-    assert status == 422
-    assert doc["error"]["code"] == "validation_error"
-    assert "cron" in doc["error"]["details"]
-    assert sql("SELECT count(*) FROM tasks WHERE organization_id = $1", org.id)[0][0] == 0
-
-
 @pytest.mark.parametrize("body,field", [
     ({"url": "not-a-valid-url"}, "url"),
     ({}, "url"),

@@ -23,7 +23,7 @@ from runlater.db.batcher import InsertBatcher
 from runlater.db.errors import DatabaseUnavailable, Overloaded
 from runlater.db.pool import Database
 from runlater.db.queries import Q
-from runlater.http import validation
+from runlater.http import cron_api, validation
 from runlater.http import mutations
 from runlater.http.auth import AuthContext, Authenticator, Unauthorized
 from runlater.http.errors import ApiError, BadRequest
@@ -256,6 +256,8 @@ class Api:
             params = validation.merge_params(
                 req.query, validation.decode_json_body(req.body, req.headers.get("content-type"))
             )
+            if cron_api.wants_cron(params):
+                return cron_api.create_cron_task(self.db, ctx, params, datetime.now(timezone.utc))
             new = validation.parse_create(params, datetime.now(timezone.utc))
             self.guard.admit_executions(ctx, 1)
             # Text ids: asyncpg encodes uuid parameters from text, and the response needs
