@@ -403,13 +403,9 @@ def all_progress(clients: list[FreshConnectionClient], requests: int, timeout: f
 
 
 class RefusedConnections(AssertionError):
-    """Connections that got no answer: the one failure the reload test is marked xfail for."""
+    """Connections that got no answer during a reload."""
 
 
-@pytest.mark.xfail(strict=True, raises=RefusedConnections, reason=(
-    "server bug: a worker draining on SIGHUP closes at once every accepted connection whose first"
-    " request it has not read yet (HttpProtocol.shutdown treats it as idle), so clients that"
-    " connected just before the reload get an empty reply or a reset"))
 def test_sighup_replaces_every_worker_without_refusing_a_connection(start_server, pg_dsn):
     srv = start_server(2)
     org = make_org(pg_dsn)

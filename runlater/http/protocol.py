@@ -161,6 +161,8 @@ class _Reject(Exception):
 
 
 # Parser phases, which also select the timeout that applies.
+# How long shutdown() waits for the first request of a connection accepted just before.
+_FRESH_GRACE = 1.0
 _IDLE = 0  # between requests (keep-alive) or waiting for answers
 _HEADERS = 1  # request line and headers being received
 _BODY = 2  # body being received
@@ -232,7 +234,7 @@ class HttpProtocol(asyncio.Protocol):
         "_keepalive_timeout", "_header_timeout", "_body_timeout",
         # connection
         "_transport", "_flow", "_parser", "_client", "_pipeline", "_out",
-        "_accepting", "_closing", "_close_when_done",
+        "_accepting", "_closing", "_close_when_done", "_fresh",
         "_phase", "_deadline", "_timer", "_timer_at", "_now", "_chunk_len", "_message_bytes", "_begin_len",
         # request being parsed
         "_url", "_headers", "_trailer_bytes", "_body", "_body_bytes", "_continue_pending",
@@ -270,6 +272,7 @@ class HttpProtocol(asyncio.Protocol):
         self._accepting = False  # parse further requests
         self._closing = False  # transport.close() is due (or done); nothing more will be written
         self._close_when_done = False  # shutdown() or eof: close once the last answer is out
+        self._fresh = True  # accepted, no request begun yet
         self._phase = _IDLE
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -390,6 +393,13 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._close_when_done = True
         if not self._pipeline and self._phase == _IDLE:
+            if self._fresh:
+                # Accepted but nothing received yet: the client cannot know we are stopping
+                # and may be sending its first request right now. Closing would lose it
+                # (a graceful reload must not refuse a connection), so wait a moment; that
+                # request's answer then carries `connection: close`.
+                self._arm(self._loop.time() + min(self._header_timeout, _FRESH_GRACE))
+                return
             self._begin_close()
             self._push()
 
@@ -404,6 +414,7 @@ class HttpProtocol(asyncio.Protocol):
     # only a deadline earlier than the pending timer needs the call.
 
     def on_message_begin(self) -> None:
+        self._fresh = False
         self._phase = _HEADERS
         self._deadline = deadline = self._now + self._header_timeout
         if deadline < self._timer_at:
