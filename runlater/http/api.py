@@ -25,6 +25,8 @@ from runlater.db.pool import Database
 from runlater.db.queries import Q
 from runlater.http import cron_api, validation
 from runlater.http import mutations
+from runlater.http import openapi, schemas
+from runlater.http.openapi import Answer, operation, query
 from runlater.http.auth import AuthContext, Authenticator, Unauthorized
 from runlater.http.errors import ApiError, BadRequest
 from runlater.http.messages import Request, Response, error_response
@@ -132,6 +134,8 @@ class Api:
         self._health_check: asyncio.Future[Response] | None = None
         self.idempotency = idempotency or Idempotency()
         self.router = Router()
+        # (method, pattern) → (handler, authenticated), as registered: the OpenAPI document's input.
+        self.registered: dict[tuple[str, str], tuple[Callable[..., Any], bool]] = {}
         self.route("GET", "/health", self.health, authenticated=False)
         self.route("GET", "/api/v1/tasks", self.list_tasks)
         self.route("POST", "/api/v1/tasks", self.create_task)
@@ -140,6 +144,11 @@ class Api:
         self.route("POST", "/api/v1/tasks/{id}/trigger", self.trigger_task)
         self.route("GET", "/api/v1/tasks/{id}/executions", self.list_executions)
         mutations.register(self)
+        # Last: the document describes every route registered before it is built.
+        self.docs = openapi.Docs()
+        self.route("GET", "/api/v1/openapi", self.docs.serve_document, authenticated=False)
+        self.route("GET", "/api/v1/docs", self.docs.serve_page, authenticated=False)
+        self.docs.build(self)
 
     def route(self, method: str, pattern: str, handler: Callable[..., Any], *, authenticated: bool = True) -> None:
         """Register a handler. Authenticated handlers take (request, ctx); others (request).
@@ -147,6 +156,7 @@ class Api:
         Handlers return a Response, a future resolving to one, or a coroutine.
         """
         self.router.add(method, pattern, self._authenticated(handler) if authenticated else self._public(handler))
+        self.registered[(method, pattern)] = (handler, authenticated)
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -221,6 +231,16 @@ class Api:
 
     # -- handlers ---------------------------------------------------------------------
 
+    @operation(
+        summary="Health check",
+        tags=["Service"],
+        description="Whether this server process reaches its database. Needs no API key.",
+        responses={
+            200: Answer("The database answers.", schemas.Health),
+            503: Answer("The database does not answer.", {"oneOf": [schemas.Health, schemas.FrameworkError]},
+                        ("Retry-After",)),
+        },
+    )
     def health(self, req: Request) -> Any:
         """GET /health: does the database answer this process right now?
 
@@ -250,6 +270,24 @@ class Api:
         self._health_last = answer
         return answer
 
+    @operation(
+        summary="Create a task",
+        tags=["Tasks"],
+        description=(
+            "With `cron`: a recurring task (201). Otherwise a one-time task (202) that runs after "
+            "`delay`, else at `run_at`, else at once; its first execution is committed with it. "
+            "Fields may also be given in the query string."
+        ),
+        request=schemas.TaskCreate,
+        responses={
+            201: Answer("The cron task was created.", schemas.CronTaskCreated),
+            202: Answer("The one-time task was created and its execution queued.", schemas.TaskQueued),
+            400: Answer("Malformed JSON, or a `delay` / `run_at` that cannot be read "
+                        "(`invalid_delay`, `invalid_run_at`).", schemas.BadRequestBody),
+            422: Answer("Invalid fields (`validation_error`), the monthly execution limit "
+                        "(`limit_exceeded`), or a reused `Idempotency-Key`.", schemas.TaskInvalidBody),
+        },
+    )
     def create_task(self, req: Request, ctx: AuthContext) -> Response | asyncio.Future[Response]:
         """POST /api/v1/tasks — the hot path: validated synchronously, answered by the batcher."""
         try:
@@ -277,6 +315,21 @@ class Api:
         except Exception as exc:  # noqa: BLE001
             return _error_for(exc)
 
+    @operation(
+        summary="List tasks",
+        tags=["Tasks"],
+        description="The organization's tasks, most recently run first, then newest first.",
+        parameters=[
+            query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 50},
+                  "Page size; values above 100 mean 100, others that are not positive mean 50."),
+            query("offset", {"type": "integer", "minimum": 0, "default": 0}, "Tasks to skip."),
+            query("queue", {"type": "string"}, "Only tasks of this queue; `none`: tasks without a queue."),
+        ],
+        responses={
+            200: Answer("One page of tasks.", schemas.TaskPage),
+            400: Answer("A `queue` filter with a NUL character.", schemas.BadRequestBody),
+        },
+    )
     async def list_tasks(self, req: Request, ctx: AuthContext) -> Response:
         limit, offset, queue, queue_given = validation.parse_list_params(req.query)
         row = await self.db.fetchrow(Q.list_tasks, ctx.organization_id, limit, queue or "", queue_given, offset)
@@ -293,6 +346,16 @@ class Api:
             raise BadRequest(value=req.route_params[0], reason="path id is not a UUID")  # upstream: 400, not 404
         return task_id
 
+    @operation(
+        summary="Get a task",
+        tags=["Tasks"],
+        parameters=[openapi.TASK_ID],
+        responses={
+            200: Answer("The task.", schemas.TaskEnvelope),
+            400: openapi.BAD_REQUEST,
+            404: openapi.NOT_FOUND,
+        },
+    )
     async def show_task(self, req: Request, ctx: AuthContext) -> Response:
         task_id = self._task_id(req)
         doc = await self.db.fetchval(Q.get_task, task_id, ctx.organization_id)
@@ -300,11 +363,31 @@ class Api:
             return NOT_FOUND
         return Response(200, b'{"data":' + doc.encode() + b"}")
 
+    @operation(
+        summary="Delete a task",
+        tags=["Tasks"],
+        description="Its pending executions are dropped; finished ones stay in its history.",
+        parameters=[openapi.TASK_ID],
+        responses={204: Answer("Deleted."), 400: openapi.BAD_REQUEST, 404: openapi.NOT_FOUND},
+    )
     async def delete_task(self, req: Request, ctx: AuthContext) -> Response:
         task_id = self._task_id(req)
         deleted = await self.db.fetchval(Q.delete_task, task_id, ctx.organization_id)
         return NOT_FOUND if deleted is None else Response(204)
 
+    @operation(
+        summary="Run a task now",
+        tags=["Tasks"],
+        description="Queues one execution due now, whatever the task's schedule or `enabled`.",
+        parameters=[openapi.TASK_ID],
+        responses={
+            202: Answer("The execution was queued.", schemas.Triggered),
+            400: openapi.BAD_REQUEST,
+            404: openapi.NOT_FOUND,
+            422: Answer("The monthly execution limit (`limit_exceeded`), or a reused `Idempotency-Key`.",
+                        schemas.Error),
+        },
+    )
     async def trigger_task(self, req: Request, ctx: AuthContext) -> Response:
         task_id = self._task_id(req)
         row = await self.db.fetchrow(Q.trigger_task, task_id, ctx.organization_id, uuid7())
@@ -315,6 +398,21 @@ class Api:
             "message": "Task triggered successfully",
         }))
 
+    @operation(
+        summary="List a task's executions",
+        tags=["Tasks"],
+        description="Newest first, every status.",
+        parameters=[
+            openapi.TASK_ID,
+            query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 50},
+                  "How many; values above 100 mean 100, others that are not positive mean 50."),
+        ],
+        responses={
+            200: Answer("The executions.", schemas.ExecutionList),
+            400: openapi.BAD_REQUEST,
+            404: openapi.NOT_FOUND,
+        },
+    )
     async def list_executions(self, req: Request, ctx: AuthContext) -> Response:
         task_id = self._task_id(req)
         limit = validation.parse_executions_limit(req.query)

@@ -41,7 +41,7 @@ import orjson
 
 from runlater.core.ids import parse_uuid, uuid7
 from runlater.db.queries import Q
-from runlater.http import validation
+from runlater.http import openapi, schemas, validation
 from runlater.http.errors import (
     BadRequest,
     ControllerError,
@@ -51,6 +51,7 @@ from runlater.http.errors import (
     ValidationError,
 )
 from runlater.http.messages import Request, Response
+from runlater.http.openapi import Answer, operation, path_param, query
 from runlater.workers.ssrf import validate_target_url
 
 try:  # built concurrently; until it lands, cron schedules are refused with a field error
@@ -117,6 +118,16 @@ def register(api: Api) -> None:
         api.route(method, pattern, _not_a_task_id)
 
 
+@operation(
+    summary="Not a task id",
+    tags=["Tasks"],
+    description=(
+        "`batch` is not a UUID: every method other than POST on `/api/v1/tasks/batch` (and its "
+        "`trigger` and `executions` sub-paths) is answered as a malformed task id, as upstream does."
+    ),
+    responses={400: Answer("`batch` is not a task id (or, with `code`, an `Idempotency-Key` over 255 characters).",
+                            schemas.BadRequestBody)},
+)
 def _not_a_task_id(req: Request, ctx: AuthContext) -> Response:
     raise BadRequest(value="batch", reason="path id is not a UUID")
 
@@ -411,6 +422,24 @@ class _Handlers:
 
     # -- PUT|PATCH /api/v1/tasks/{id} ------------------------------------------------
 
+    @operation(
+        summary="Update a task",
+        tags=["Tasks"],
+        description=(
+            "Changes only the fields given (PUT and PATCH alike). A one-time task is re-scheduled "
+            "only when `scheduled_at` changes and it has not started; a cron task's next run is "
+            "recomputed only when its schedule changes."
+        ),
+        parameters=[openapi.TASK_ID],
+        request=schemas.TaskUpdate,
+        responses={
+            200: Answer("The task after the update.", schemas.TaskEnvelope),
+            400: openapi.BAD_REQUEST,
+            404: openapi.NOT_FOUND,
+            422: Answer("Invalid fields (`validation_error`), or a reused `Idempotency-Key`.",
+                        schemas.TaskInvalidBody),
+        },
+    )
     async def update_task(self, req: Request, ctx: AuthContext) -> Response:
         task_id = parse_uuid(req.route_params[0])
         if task_id is None:
@@ -431,6 +460,19 @@ class _Handlers:
 
     # -- POST /api/v1/tasks/batch ----------------------------------------------------
 
+    @operation(
+        summary="Create one-time tasks in a batch",
+        tags=["Tasks"],
+        description="Up to 1000 tasks in one transaction, sharing target, queue and due time.",
+        request=schemas.BatchCreate,
+        responses={
+            201: Answer("The tasks were created.", schemas.BatchCreated),
+            400: Answer("Malformed JSON, or `invalid_params`: a missing, empty or invalid field.",
+                        schemas.BadRequestBody),
+            422: Answer("The monthly execution limit (`limit_exceeded`), or a reused `Idempotency-Key`.",
+                        schemas.Error),
+        },
+    )
     async def create_batch(self, req: Request, ctx: AuthContext) -> Response:
         params = _params(req)
         items = params.get("items")
@@ -492,6 +534,16 @@ class _Handlers:
 
     # -- DELETE /api/v1/tasks?queue= -------------------------------------------------
 
+    @operation(
+        summary="Cancel a queue",
+        tags=["Queues"],
+        description="Deletes every task of the queue (cron tasks too) and drops its pending executions.",
+        parameters=[query("queue", {"type": "string", "minLength": 1}, "The queue to cancel.", required=True)],
+        responses={
+            200: Answer("The tasks were deleted.", schemas.QueueCancelled),
+            400: Answer("`invalid_params`: no `queue`.", schemas.BadRequestBody),
+        },
+    )
     async def cancel_queue(self, req: Request, ctx: AuthContext) -> Response:
         queue = _params(req).get("queue")
         if type(queue) is not str or not queue:
@@ -503,6 +555,11 @@ class _Handlers:
 
     # -- queues ----------------------------------------------------------------------
 
+    @operation(
+        summary="List queues",
+        tags=["Queues"],
+        responses={200: Answer("The queues.", schemas.QueueList)},
+    )
     async def list_queues(self, req: Request, ctx: AuthContext) -> Response:
         doc = await self.db.fetchval(Q.list_queues, ctx.organization_id)
         return Response(200, b'{"data":' + doc.encode() + b"}")
@@ -514,12 +571,32 @@ class _Handlers:
             raise InvalidParams(f"queue {validation.HAS_NUL}", name)
         return name
 
+    @operation(
+        summary="Pause a queue",
+        tags=["Queues"],
+        description="Its pending executions are not started until it is resumed; running ones finish.",
+        parameters=[path_param("name", {"type": "string", "minLength": 1}, "The queue's name.")],
+        responses={
+            200: Answer("The queue is paused.", schemas.QueueState),
+            400: Answer("`invalid_params`: a name with a NUL character.", schemas.BadRequestBody),
+        },
+    )
     async def pause_queue(self, req: Request, ctx: AuthContext) -> Response:
         name = self._queue_name(req)
         await self.db.execute(Q.pause_queue, ctx.organization_id, name)
         return Response(200, orjson.dumps({"data": {"name": name, "paused": True},
                                            "message": f'Queue "{name}" paused'}))
 
+    @operation(
+        summary="Resume a queue",
+        tags=["Queues"],
+        description="Resuming a queue that is not paused changes nothing.",
+        parameters=[path_param("name", {"type": "string", "minLength": 1}, "The queue's name.")],
+        responses={
+            200: Answer("The queue is running.", schemas.QueueState),
+            400: Answer("`invalid_params`: a name with a NUL character.", schemas.BadRequestBody),
+        },
+    )
     async def resume_queue(self, req: Request, ctx: AuthContext) -> Response:
         name = self._queue_name(req)
         await self.db.fetchval(Q.resume_queue, ctx.organization_id, name)
@@ -528,6 +605,23 @@ class _Handlers:
 
     # -- PUT /api/v1/sync ------------------------------------------------------------
 
+    @operation(
+        summary="Declare the set of cron tasks",
+        tags=["Sync"],
+        description=(
+            "Creates the declared tasks that do not exist (by name), updates those that do and, with "
+            "`delete_removed`, deletes the cron tasks not declared, all in one transaction: when any "
+            "item is invalid nothing changes."
+        ),
+        request=schemas.SyncRequest,
+        responses={
+            200: Answer("What changed.", schemas.SyncResponse),
+            400: Answer("Malformed JSON, or `bad_request`: none of `tasks`, `monitors`, `endpoints` is a list.",
+                        schemas.BadRequestBody),
+            422: Answer("Invalid items (`validation_error`, one entry per item), the monthly execution "
+                        "limit (`limit_exceeded`), or a reused `Idempotency-Key`.", schemas.SyncInvalidBody),
+        },
+    )
     async def sync(self, req: Request, ctx: AuthContext) -> Response:
         body = validation.decode_json_body(req.body, req.headers.get("content-type"))
         params = dict(validation.merge_params(req.query, {})) if req.query else {}
