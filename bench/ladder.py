@@ -281,8 +281,28 @@ def top_statements(dsn: str, limit: int = 8) -> list[QueryStat]:
     return [QueryStat(r["q"], r["calls"], r["total_exec_time"], r["mean_exec_time"], r["rows"]) for r in rows]
 
 
-def clean_tables(dsn: str) -> None:
-    sql_execute(dsn, "TRUNCATE tasks, executions", "VACUUM ANALYZE")
+SEED_TASKS = """
+INSERT INTO tasks (id, organization_id, name, url, method, schedule_type, scheduled_at, retry_attempts, timeout_ms,
+                   inserted_at, updated_at)
+SELECT gen_random_uuid(), o.id, 'seeded-' || i, 'http://127.0.0.1:9/hook', 'GET', 'once',
+       now() - make_interval(secs => i), 1, 10000, now() - make_interval(secs => i), now() - make_interval(secs => i)
+FROM organizations o, generate_series(1, $1::int) AS i
+WHERE o.name = 'bench'
+"""
+
+
+def clean_tables(dsn: str, seed_tasks: int = 0) -> None:
+    """Empty tasks and executions, put back ``seed_tasks`` finished tasks, VACUUM ANALYZE.
+
+    The seeded rows keep the statistics those of a table in use: right after a TRUNCATE and
+    ANALYZE the planner sees an empty table, and a generic plan cached in that state (the list
+    query's is a sequential scan that renders every row's JSON before sorting) stays in the
+    server's connections while the table grows during the run. See bench/RESULTS.md.
+    """
+    sql_execute(dsn, "TRUNCATE tasks, executions")
+    if seed_tasks:
+        sql_value(dsn, SEED_TASKS, seed_tasks)
+    sql_execute(dsn, "VACUUM ANALYZE")
 
 
 PG_SETTINGS = ("server_version", "synchronous_commit", "fsync", "wal_level", "shared_buffers", "max_connections",
@@ -307,10 +327,10 @@ def pg_settings(dsn: str) -> str:
 
 def start_mock_target(workers: int, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    out = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "bench.mock_target", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", str(workers)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(log_path, "w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "bench.mock_target", "--host", "127.0.0.1", "--port",
+                                 str(port), "--workers", str(workers)], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if "listening on" in log_path.read_text(errors="replace"):
@@ -418,8 +438,10 @@ def _k6_metric(address: str, name: str) -> float | None:
 
 
 def run_k6(k6: str, label: str, base_url: str, key: str, target_url: str, rate: int, seconds: int,
-           out_prefix: Path, *, mix: str = "seed", p95_ms: int = 2000, max_vus: int | None = None) -> tuple[RateResult, float]:
-    """One constant-arrival-rate run: (its parsed summary, k6's CPU seconds)."""
+           out_prefix: Path, *, mix: str = "seed", p95_ms: int = 2000, max_vus: int | None = None,
+           closed_vus: int = 0) -> tuple[RateResult, float]:
+    """One constant-arrival-rate run (``closed_vus``: a closed loop of that many VUs instead):
+    (its parsed summary, k6's CPU seconds)."""
     pre, maxv = vus_for(rate)
     if max_vus is not None:
         maxv = max_vus
@@ -427,7 +449,7 @@ def run_k6(k6: str, label: str, base_url: str, key: str, target_url: str, rate: 
     summary = out_prefix.with_suffix(".json")
     address = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "BASE_URL": base_url, "API_KEY": key, "TARGET_URL": target_url, "RATE": str(rate),
-           "DURATION": f"{seconds}s", "PRE_VUS": str(pre), "MAX_VUS": str(maxv), "P95_MS": str(p95_ms), "MIX": mix,
+           "DURATION": f"{seconds}s", "PRE_VUS": str(pre), "MAX_VUS": str(maxv), "P95_MS": str(p95_ms), "MIX": mix, "VUS": str(closed_vus),
            "K6_NO_USAGE_REPORT": "true"}
     cmd = [k6, "run", "--quiet", "--no-color", "--address", address, "--summary-export", str(summary), str(K6_SCRIPT)]
     out_path = out_prefix.with_suffix(".txt")
@@ -510,6 +532,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="admin DSN of the PostgreSQL server to use (default: DATABASE_URL, else a private cluster)")
     p.add_argument("--cooldown", type=float, default=10.0, help="seconds between rates (default 10)")
     p.add_argument("--p95-ms", type=int, default=2000, help="k6 p95 threshold in ms (default 2000, the seed's)")
+    p.add_argument("--db-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="ALTER DATABASE … SET for the benchmark database before the server starts (repeatable)")
+    p.add_argument("--seed-tasks", type=int, default=10_000,
+                   help="finished tasks put in the organization after each cleanup (default 10000; 0 = none)")
     return p
 
 
@@ -533,6 +559,16 @@ def owned_setup(args: argparse.Namespace, workdir: Path) -> Iterator[Setup]:
             dsn = fresh_database(admin_dsn, dbname)
             key = migrate_and_key(dsn)
             statements = enable_statements(dsn)
+            if e2e:
+                # Upstream's default cap (100 running per organization) would bound one
+                # organization to 100 ÷ target delay executions per second; the seed mix has one.
+                sql_execute(dsn, "UPDATE organizations SET max_concurrency = 100000 WHERE name = 'bench'")
+            db_settings = list(_opt(args, "db_setting", []))
+            for item in db_settings:
+                name, _, value = item.partition("=")
+                if not re.fullmatch(r"[a-z_.]+", name) or not value:
+                    raise BenchError(f"--db-setting {item!r}: use name=value")
+                sql_execute(dsn, f"ALTER DATABASE \"{dbname}\" SET {name} = '{value.replace(chr(39), '')}'")
             mock, mock_url = start_mock_target(int(_opt(args, "mock_workers", 1)), workdir / "mock-target.log")
             delay = int(_opt(args, "target_delay_ms", 100))
             target = f"{mock_url}/hook?delay={delay}" if e2e else f"{mock_url}/hook"
@@ -550,9 +586,14 @@ def owned_setup(args: argparse.Namespace, workdir: Path) -> Iterator[Setup]:
             master = server.proc.pid
             desc = [("server", f"`runlater serve --http-workers {http_workers} --executors {executors}` "
                                f"(RUNLATER_EXECUTOR_MAX_PER_ORIGIN=2000), started by the ladder"),
-                    ("database", f"fresh database `{dbname}` on the {where}; cleaned between rates "
-                                 "(TRUNCATE tasks, executions; VACUUM ANALYZE)"),
+                    ("database", f"fresh database `{dbname}` on the {where}; cleaned before each rate "
+                                 f"(TRUNCATE tasks, executions; {int(_opt(args, 'seed_tasks', 10_000)):,} tasks put "
+                                 "back in the organization; VACUUM ANALYZE)"),
                     ("delivery target", f"`bench.mock_target` ({target})" + ("" if e2e else ", never called: executors off"))]
+            if e2e:
+                desc.append(("organization", "max_concurrency raised from 100 to 100,000 (one organization sends everything)"))
+            if db_settings:
+                desc.append(("database settings", ", ".join(f"`{x}`" for x in db_settings) + " (ALTER DATABASE … SET)"))
             yield Setup(server.url, key, target, dsn, statements, server, lambda: children_of(master), db_pids, desc)
         finally:
             if server is not None:
@@ -597,7 +638,7 @@ def run_ladder(args: argparse.Namespace, rates: list[int], seconds: int, out: Pa
         for i, rate in enumerate(rates, 1):
             label = f"rate {i}/{len(rates)} ({rate}/s)"
             if setup.dsn:
-                clean_tables(setup.dsn)
+                clean_tables(setup.dsn, int(_opt(args, "seed_tasks", 10_000)))
                 if setup.statements is None:
                     reset_statements(setup.dsn)
             server_cpu, db_cpu = GroupCpu(setup.server_pids), GroupCpu(setup.db_pids)
@@ -679,6 +720,7 @@ def write_report(args: argparse.Namespace, results: list[RateResult], setup: Set
 
 
 def main(args: argparse.Namespace | list[str] | None = None) -> int:
+    given = None if isinstance(args, argparse.Namespace) else args
     if not isinstance(args, argparse.Namespace):
         args = _parser().parse_args(args)  # exits 2 on a usage error
     try:
@@ -699,8 +741,10 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
         return 1
     out = Path(args.out).resolve()
     previous = {s: signal.signal(s, _on_sigterm) for s in (signal.SIGTERM, signal.SIGHUP)}
-    shown = ["runlater", "bench", "ladder", *sys.argv[1:]] if sys.argv[0].endswith("runlater") else \
-        ["python", "-m", "bench.ladder", *sys.argv[1:]]
+    entry = Path(sys.argv[0]).name
+    prefix = {"ladder.py": ["python", "-m", "bench.ladder"], "e2e.py": ["python", "-m", "bench.e2e"]}.get(
+        entry, ["runlater"] if "runlater" in sys.argv[0] else [entry])
+    shown = [*prefix, *sys.argv[1:]] if given is None else ["python", "-m", "bench.ladder", *given]
     try:
         out.mkdir(parents=True, exist_ok=True)
         results, setup, problems, env = run_ladder(args, rates, seconds, out, k6, shown)

@@ -10,7 +10,9 @@
 3. unloaded latency: k6, seed mix, at a quarter of the ceiling for 15 s: p95 of the 2xx answers;
 4. overload: k6, seed mix, constant arrival rate of ``--factor`` × ceiling for ``--duration``
    (open loop: k6 keeps offering requests however slowly they are answered, up to
-   ``--max-vus`` requests in flight, beyond which it drops iterations and says so);
+   ``--max-vus`` requests in flight, beyond which it drops iterations and says so); then a
+   closed loop of ``--vus`` VUs (each sends its next request when answered), which keeps that
+   many requests in flight whatever k6's own speed;
 5. checks: the share of 503s and their latency (p50/p99) and Retry-After header, the p95 of the
    admitted (2xx) requests against the unloaded p95, other statuses, whether the server and
    every worker survived (same worker pids, ``GET /health`` = 200 afterwards).
@@ -102,6 +104,11 @@ def run(args: argparse.Namespace, out: Path, k6: str) -> str:
                                   max_vus=args.max_vus)
             srv_cpu.stop()
             db_cpu.stop()
+            closed = None
+            if args.vus:
+                log(f"closed loop: k6 seed mix with {args.vus} VUs (requests in flight) for {args.seconds} s")
+                closed, _ = run_k6(k6, "closed loop", server.url, key, target, args.vus, args.seconds,
+                                   out / "k6-closed", closed_vus=args.vus)
             time.sleep(1)
             alive = server.proc.poll() is None
             workers_after = children_of(master) if alive else []
@@ -114,12 +121,12 @@ def run(args: argparse.Namespace, out: Path, k6: str) -> str:
             if dsn is not None:
                 drop_database(admin_dsn, dbname)
     return render(args, ceiling, ceiling_note, base, over, rate, srv_cpu.seconds, db_cpu.seconds if pg else None,
-                  k6_cpu, alive, workers_before, workers_after, health, problems, pg_text)
+                  k6_cpu, alive, workers_before, workers_after, health, problems, pg_text, closed)
 
 
 def render(args: argparse.Namespace, ceiling: float, ceiling_note: str, base: RateResult, over: RateResult, rate: int,
            srv_s: float, db_s: float | None, k6_s: float, alive: bool, before: list[int], after: list[int],
-           health: str, problems: list[str], pg_text: str) -> str:
+           health: str, problems: list[str], pg_text: str, closed: RateResult | None = None) -> str:
     other = over.requests - over.status_2xx - over.count_503
     base_p95 = base.p95_ok_ms or base.p95_ms
     over_p95 = over.p95_ok_ms
@@ -130,10 +137,13 @@ def render(args: argparse.Namespace, ceiling: float, ceiling_note: str, base: Ra
              "| run | offered/s | achieved/s | 2xx | 503 | other non-2xx + transport errors | dropped | "
              "p95 of 2xx | p50 / p99 of 503 | 503 with Retry-After |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
-    for label, r, offered in (("unloaded", base, base.rate), ("overload", over, rate)):
+    runs = [("unloaded", base, f"{base.rate:,}"), ("overload (open loop)", over, f"{rate:,}")]
+    if closed is not None:
+        runs.append((f"closed loop, {args.vus:,} VUs", closed, f"{args.vus:,} in flight"))
+    for label, r, offered in runs:
         o = r.requests - r.status_2xx - r.count_503
         ra = "n/a" if r.retry_after_503_pct is None else f"{r.retry_after_503_pct:.1f}%"
-        lines.append(f"| {label} | {offered:,} | {r.achieved_rps:,.0f} | {r.status_2xx:,} | {r.count_503:,} | {o:,} | "
+        lines.append(f"| {label} | {offered} | {r.achieved_rps:,.0f} | {r.status_2xx:,} | {r.count_503:,} | {o:,} | "
                      f"{r.dropped:,} | {fmt_latency(r.p95_ok_ms)} | {fmt_latency(r.p50_503_ms)} / "
                      f"{fmt_latency(r.p99_503_ms)} | {ra} |")
     lines += ["", "| bar | verdict |", "|---|---|"]
@@ -146,6 +156,12 @@ def render(args: argparse.Namespace, ceiling: float, ceiling_note: str, base: Ra
     lines.append("| admitted p95 within 2× of unloaded | "
                  + ("n/a" if ratio is None else f"{'met' if ratio <= 2 else 'missed'}: {fmt_latency(over_p95)} vs "
                     f"{fmt_latency(base_p95)} unloaded = {ratio:.1f}×") + " |")
+    if closed is not None:
+        c_ratio = (closed.p95_ok_ms / base_p95) if closed.p95_ok_ms and base_p95 else None
+        lines.append(f"| closed loop ({args.vus:,} in flight): 503 p99 ≤ 10 ms; 2xx p95 ≤ 2× unloaded | "
+                     + (f"503: {closed.count_503:,}, p99 {fmt_latency(closed.p99_503_ms)}" if closed.count_503
+                        else "no 503 answered") + "; 2xx p95 "
+                     + ("n/a" if c_ratio is None else f"{fmt_latency(closed.p95_ok_ms)} = {c_ratio:.1f}× unloaded") + " |")
     same = alive and sorted(before) == sorted(after)
     lines.append(f"| no crash | {'met' if same and health.startswith('200') else 'missed'}: server "
                  f"{'alive' if alive else 'exited'}, workers {'unchanged' if same else f'{before} → {after}'}, "
@@ -173,6 +189,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ceiling", type=float, default=None, help="skip measuring it: req/s")
     p.add_argument("--duration", default="20s")
     p.add_argument("--max-vus", type=int, default=3000, help="k6 VUs (= connections, requests in flight) at most")
+    p.add_argument("--vus", type=int, default=2000,
+                   help="then a closed loop with this many VUs in flight (0 = skip; default 2000)")
     p.add_argument("--database-url", default=None)
     p.add_argument("--out", type=Path, default=None)
     return p

@@ -17,6 +17,7 @@
 //   P95_MS        p95 threshold in ms (default 2000, the seed's)
 //   ERROR_RATE    failed-request threshold (default 0.05, the seed's)
 //   MIX           "seed" (default), "create" (immediate creates only) or "list" (lists only)
+//   VUS           when set: a closed loop of that many VUs (constant-vus) instead of RATE
 //
 // Besides k6's own metrics it records:
 //   tasks_created      counter of 202 answers to creates (the seed table's tasks/s)
@@ -42,19 +43,24 @@ const P95_MS = parseInt(__ENV.P95_MS || '2000', 10);
 const ERROR_RATE = parseFloat(__ENV.ERROR_RATE || '0.05');
 const MIX = __ENV.MIX || 'seed';
 
+// VUS set: a closed loop instead (constant-vus: VUS connections each sending its next request as
+// soon as the previous one is answered), for pressing a server with many requests in flight.
+const VUS = parseInt(__ENV.VUS || '0', 10);
+const scenario = VUS > 0
+  ? { executor: 'constant-vus', vus: VUS, duration: DURATION }
+  : {
+    executor: 'constant-arrival-rate',
+    rate: RATE,
+    timeUnit: '1s',
+    duration: DURATION,
+    preAllocatedVUs: PRE_VUS,
+    maxVUs: MAX_VUS,
+  };
+
 export const options = {
   discardResponseBodies: true,
   summaryTrendStats: ['avg', 'min', 'med', 'max', 'p(90)', 'p(95)', 'p(99)'],
-  scenarios: {
-    seed_mix: {
-      executor: 'constant-arrival-rate',
-      rate: RATE,
-      timeUnit: '1s',
-      duration: DURATION,
-      preAllocatedVUs: PRE_VUS,
-      maxVUs: MAX_VUS,
-    },
-  },
+  scenarios: { seed_mix: scenario },
   thresholds: {
     http_req_duration: [`p(95)<${P95_MS}`],
     http_req_failed: [`rate<${ERROR_RATE}`],
