@@ -235,3 +235,56 @@ def test_drain_alone_also_stops_accepting(loop):
         await client.close()
 
     run(loop, scenario())
+
+
+def test_refused_upload_still_reads_its_413() -> None:
+    """A client still uploading a body we refuse must get the 413, not a reset.
+
+    The server half-closes and discards the rest of the upload instead of closing a
+    socket with unread input (which makes the kernel send RST over the answer).
+    """
+    import socket as socketlib
+    import threading
+
+    import uvloop
+
+    from runlater.http.messages import Response
+    from runlater.http.protocol import ProtocolConfig
+    from runlater.http.server import serve
+
+    loop = uvloop.new_event_loop()
+    ready = threading.Event()
+    holder: dict = {}
+
+    async def start() -> None:
+        holder["server"] = await serve(lambda req: Response(200, b"{}"), ProtocolConfig(max_body_bytes=1024),
+                                       "127.0.0.1", 0)
+        ready.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    port = holder["server"].port
+    try:
+        for _ in range(5):
+            with socketlib.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 4000000\r\n\r\n")
+                answer = b""
+                # Upload the whole body before reading, as simple clients do (http.client,
+                # curl without Expect): this must not fail with a reset or a broken pipe.
+                for _ in range(32):
+                    sock.sendall(b"x" * 65536)
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+                assert answer.startswith(b"HTTP/1.1 413 "), answer[:80]
+    finally:
+        async def stop() -> None:
+            await holder["server"].drain(1.0)
+
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

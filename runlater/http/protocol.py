@@ -161,6 +161,8 @@ class _Reject(Exception):
 
 
 # Parser phases, which also select the timeout that applies.
+# How long a connection closed after an error answer keeps discarding the client's input.
+_LINGER = 2.0
 # How long shutdown() waits for the first request of a connection accepted just before.
 _FRESH_GRACE = 1.0
 _IDLE = 0  # between requests (keep-alive) or waiting for answers
@@ -234,7 +236,7 @@ class HttpProtocol(asyncio.Protocol):
         "_keepalive_timeout", "_header_timeout", "_body_timeout",
         # connection
         "_transport", "_flow", "_parser", "_client", "_pipeline", "_out",
-        "_accepting", "_closing", "_close_when_done", "_fresh",
+        "_accepting", "_closing", "_close_when_done", "_fresh", "_linger", "_lingering",
         "_phase", "_deadline", "_timer", "_timer_at", "_now", "_chunk_len", "_message_bytes", "_begin_len",
         # request being parsed
         "_url", "_headers", "_trailer_bytes", "_body", "_body_bytes", "_continue_pending",
@@ -273,6 +275,8 @@ class HttpProtocol(asyncio.Protocol):
         self._closing = False  # transport.close() is due (or done); nothing more will be written
         self._close_when_done = False  # shutdown() or eof: close once the last answer is out
         self._fresh = True  # accepted, no request begun yet
+        self._linger = False  # close after an error answer: drain the client's bytes first
+        self._lingering = False
         self._phase = _IDLE
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -357,9 +361,11 @@ class HttpProtocol(asyncio.Protocol):
             self._transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
         if self._closing:
-            self._transport.close()
+            self._close_transport()
 
     def eof_received(self) -> bool | None:
+        if self._lingering:
+            return None  # the client finished sending: close now
         self._accepting = False
         self._phase = _IDLE  # a half-received request can never complete now
         self._continue_pending = False
@@ -625,11 +631,38 @@ class HttpProtocol(asyncio.Protocol):
             transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
         if self._closing:
+            self._close_transport()
+
+    def _close_transport(self) -> None:
+        if not self._linger:
+            self._transport.close()
+        elif not self._lingering:
+            self._start_linger()
+
+    def _start_linger(self) -> None:
+        """Half-close after an error answer and discard what the client still sends.
+
+        Closing a socket with unread input makes the kernel send a reset, which can
+        destroy our 413/431/400 before the client reads it — typically a client still
+        uploading a body we refused. So: shut our sending side (the client sees the
+        answer and EOF), keep reading into the void for at most ``_LINGER`` seconds
+        (or until the client closes), then close.
+        """
+        self._lingering = True
+        transport = self._transport
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+            transport.resume_reading()
+        except (OSError, RuntimeError):
             transport.close()
+            return
+        self._loop.call_later(_LINGER, transport.close)
 
     def _reject(self, status: int) -> None:
         """Answer ``status`` after any earlier answers, then close; read nothing more."""
         self._accepting = False
+        self._linger = True
         self._phase = _IDLE
         self._continue_pending = False
         self._flow.stop()
