@@ -214,20 +214,7 @@ schema = schemathesis.openapi.from_dict(DOCUMENT.body)
 # Known server bugs, each pinned by an xfail(strict=True) test below. The generated run
 # steers around them so that it stays green and finds anything new; when a bug is fixed, its
 # xfail test passes (and so fails the suite) and its exclusion here goes too.
-
-
-def _batch_due_before_year_1000(case) -> bool:
-    body = case.body
-    if (case.method, case.path) != ("POST", "/api/v1/tasks/batch") or not isinstance(body, dict):
-        return False
-    run_at = body.get("run_at")
-    if run_at is not None and run_at is not False:  # run_at wins over delay, even unreadable
-        return isinstance(run_at, str) and re.match(r"(0[0-9]{3}|1000)-", run_at) is not None
-    delay = body.get("delay")
-    return isinstance(delay, int) and not isinstance(delay, bool) and delay < -30_000_000_000
-
-
-KNOWN_BUGS = (_batch_due_before_year_1000,)
+KNOWN_BUGS: tuple = ()
 
 EXAMPLE_ID = schemas.UUID["examples"][0]
 
@@ -286,9 +273,6 @@ def _post(live: LiveServer, path: str, body: dict[str, Any]) -> requests.Respons
     return live.session.post(live.url + path, json=body, headers=live.headers, timeout=10)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mutations._fmt formats the batch's due time with strftime('%Y'), which does not pad years "
-    "before 1000: a batch with run_at in year 383 answers scheduled_for '383-10-17T11:57:14Z'"))
 def test_batch_due_before_year_1000_answers_a_valid_timestamp(live):
     resp = _post(live, "/api/v1/tasks/batch", {
         "url": "https://example.com/hook", "queue": "openapi-old", "items": [{}],

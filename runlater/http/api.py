@@ -11,25 +11,24 @@ import asyncio
 import logging
 import time
 import uuid
-from datetime import datetime, timezone
 from collections.abc import Callable
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
 import orjson
 
+from runlater.core.clock import iso_seconds
 from runlater.core.ids import parse_uuid, uuid7, uuid7_str
 from runlater.db.batcher import InsertBatcher
 from runlater.db.errors import DatabaseUnavailable, Overloaded
 from runlater.db.pool import Database
 from runlater.db.queries import Q
-from runlater.http import cron_api, validation
-from runlater.http import mutations
-from runlater.http import openapi, schemas
-from runlater.http.openapi import Answer, operation, query
+from runlater.http import cron_api, mutations, openapi, schemas, validation
 from runlater.http.auth import AuthContext, Authenticator, Unauthorized
 from runlater.http.errors import ApiError, BadRequest
 from runlater.http.messages import Request, Response, error_response
+from runlater.http.openapi import Answer, operation, query
 from runlater.http.router import Router
 
 log = logging.getLogger("runlater.api")
@@ -52,7 +51,7 @@ def unavailable(retry_after: int = 1) -> Response:
 @lru_cache(maxsize=4096)
 def _fmt(ts: datetime) -> str:
     # Creates in the same second share their scheduled time: format each once.
-    return ts.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_seconds(ts)
 
 
 def _error_for(exc: BaseException) -> Response:
@@ -295,8 +294,8 @@ class Api:
                 req.query, validation.decode_json_body(req.body, req.headers.get("content-type"))
             )
             if cron_api.wants_cron(params):
-                return cron_api.create_cron_task(self.db, ctx, params, datetime.now(timezone.utc))
-            new = validation.parse_create(params, datetime.now(timezone.utc))
+                return cron_api.create_cron_task(self.db, ctx, params, datetime.now(UTC))
+            new = validation.parse_create(params, datetime.now(UTC))
             self.guard.admit_executions(ctx, 1)
             # Text ids: asyncpg encodes uuid parameters from text, and the response needs
             # the text anyway, so no uuid.UUID object is made per create.

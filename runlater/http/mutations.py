@@ -39,6 +39,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from runlater.core.clock import iso_seconds
 from runlater.core.ids import parse_uuid, uuid7
 from runlater.db.queries import Q
 from runlater.http import openapi, schemas, validation
@@ -137,8 +138,7 @@ def _allow_private_targets() -> bool:
     return os.environ.get("RUNLATER_ALLOW_PRIVATE_TARGETS", "") in ("1", "true", "yes")
 
 
-def _fmt(ts: datetime) -> str:
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+_fmt = iso_seconds
 
 
 def _params(req: Request) -> dict[str, Any]:
@@ -332,6 +332,18 @@ async def _write_create(conn: Any, org_id: uuid.UUID, new: dict[str, Any]) -> No
 
 
 def _batch_time(params: dict[str, Any], now: datetime) -> datetime:
+    due = _batch_due(params, now)
+    # Upstream accepts any past time; a time before 1970 is never meant, and the year-1
+    # edge is stored by the driver as -infinity. Refuse it plainly.
+    if due < _EARLIEST:
+        raise InvalidParams("run_at must be after 1970-01-01T00:00:00Z", params.get("run_at", params.get("delay")))
+    return due
+
+
+_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _batch_due(params: dict[str, Any], now: datetime) -> datetime:
     """One due time for the whole batch (§1.11): ``run_at`` wins over ``delay`` (the
     reverse of a single create) and both fall back silently, as upstream's do: an
     unparsable ``run_at`` or ``delay`` means now + 1 s; a past ``run_at`` and an integer

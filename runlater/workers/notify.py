@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from runlater.core.clock import iso_seconds
 from runlater.workers.httpclient import ClientError, HttpClient
 from runlater.workers.signing import upstream_signature
 
@@ -29,7 +30,7 @@ NOTIFY_UA = "Runlater/1.0"
 
 
 def _ts(value: Any) -> str | None:
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
+    return iso_seconds(value) if value is not None else None
 
 
 class Notifier:
