@@ -273,10 +273,17 @@ def _post(live: LiveServer, path: str, body: dict[str, Any]) -> requests.Respons
     return live.session.post(live.url + path, json=body, headers=live.headers, timeout=10)
 
 
-def test_batch_due_before_year_1000_answers_a_valid_timestamp(live):
+def test_batch_due_before_1970_is_refused_not_misformatted(live):
+    """A batch due in year 383 once answered scheduled_for '383-10-17T11:57:14Z'; such
+    times are now refused, and timestamps always have four-digit years."""
+    from datetime import datetime, timezone
+
+    from runlater.core.clock import iso_seconds
+
     resp = _post(live, "/api/v1/tasks/batch", {
         "url": "https://example.com/hook", "queue": "openapi-old", "items": [{}],
         "run_at": "0383-10-17T11:57:14Z",
     })
-    assert resp.status_code == 201, resp.text
-    assert TIMESTAMP.match(resp.json()["data"]["scheduled_for"]), resp.text
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["code"] == "invalid_params"
+    assert iso_seconds(datetime(383, 10, 17, 11, 57, 14, tzinfo=timezone.utc)) == "0383-10-17T11:57:14Z"
