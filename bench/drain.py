@@ -50,7 +50,9 @@ from bench.ladder import (
     sql_execute,
     sql_fetch,
     sql_value,
+    enable_statements,
     start_mock_target,
+    top_statements,
     start_server,
 )
 
@@ -136,6 +138,7 @@ class DrainResult:
     lateness: dict[str, float | None] = field(default_factory=dict)
     inserted_rate: float | None = None
     notes: list[str] = field(default_factory=list)
+    statements: list = field(default_factory=list)  # top pg_stat_statements of the whole run
     server_log_problems: list[str] = field(default_factory=list)
 
 
@@ -186,6 +189,12 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[DrainResult, list[tupl
         try:
             dsn = fresh_database(admin_dsn, dbname)
             migrate_and_key(dsn)
+            statements = enable_statements(dsn)
+            for item in args.db_setting:
+                name, _, value = item.partition("=")
+                if not re.fullmatch(r"[a-z_.]+", name) or not value:
+                    raise BenchError(f"--db-setting {item!r}: use name=value")
+                sql_execute(dsn, f"ALTER DATABASE \"{dbname}\" SET {name} = '{value.replace(chr(39), '')}'")
             org = _org(dsn)
             mock, mock_url = start_mock_target(args.mock_workers, workdir / "mock-target.log")
             target = f"{mock_url}/hook?delay={args.delay_ms}"
@@ -231,6 +240,10 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[DrainResult, list[tupl
                        percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99, max(ms) AS max
                 FROM (SELECT extract(epoch FROM started_at - scheduled_for) * 1000 AS ms FROM executions) s""")[0]
             result.lateness = {k: (None if late[k] is None else float(late[k])) for k in ("p50", "p99", "max")}
+            if statements is None:
+                result.statements = top_statements(dsn, 6)
+            else:
+                result.notes.append(statements)
             result.rss_peak_mb = {pid: kb / 1024 for pid, kb in sorted(sampler.peak_kb.items())}
             n = result.count or 1
             result.executor_us = ex_cpu.seconds * 1e6 / n
@@ -242,6 +255,8 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[DrainResult, list[tupl
                                    f"RUNLATER_EXECUTOR_MAX_PER_ORIGIN={args.max_per_origin}, other settings default "
                                    "(RUNLATER_EXECUTOR_MAX_INFLIGHT 5000, claim batch 500)"),
                         ("delivery target", f"`bench.mock_target --workers {args.mock_workers}`, {target}")]
+            if args.db_setting:
+                env_rows.append(("database settings", ", ".join(f"`{x}`" for x in args.db_setting)))
         finally:
             if server is not None:
                 stop_runlater(server)
@@ -315,6 +330,10 @@ def report(args: argparse.Namespace, r: DrainResult, env: list[tuple[str, str]])
         lines.append("Lateness in backlog mode is the time each row waited in the backlog (all were due at the start), "
                      "not schedule precision.")
     lines += [f"- {n}" for n in r.notes]
+    if r.statements:
+        from bench.report import queries_table
+
+        lines += ["", "Top statements over the whole run (pg_stat_statements):", "", queries_table(r.statements)]
     if r.server_log_problems:
         lines += ["", "Server log (errors, warnings):", ""] + [f"- `{p}`" for p in r.server_log_problems]
     rev = run_text(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]) or "unknown"
@@ -337,6 +356,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-origin", type=int, default=2000,
                    help="RUNLATER_EXECUTOR_MAX_PER_ORIGIN: every delivery goes to one origin (default 2000)")
     p.add_argument("--database-url", default=None, help="admin DSN (default: DATABASE_URL, else a private cluster)")
+    p.add_argument("--db-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="ALTER DATABASE … SET for the benchmark database before the server starts (repeatable)")
     p.add_argument("--timeout", type=float, default=600, help="give up when not all final after this (default 600 s)")
     p.add_argument("--out", type=Path, default=None, help="directory for drain.md and the server log")
     return p
