@@ -586,16 +586,8 @@ def test_failure_action_after_final_attempt_and_recovery_after_next_success(engi
     assert route.count("on-failure") == 1
 
 
-RECOVERY_RACE = (
-    "The failure/recovery transition is judged against tasks.last_execution_status as read by the "
-    "claim, but executors write that column from a buffer flushed once per second "
-    "(Counters.flush in executor.py housekeeping). A run claimed within that second after a "
-    "failed run sees the stale value (NULL) and no on_recovery_url is sent (and, symmetrically, "
-    "a second consecutive failure would send on_failure_url again). DECISIONS 15: judged "
-    "against the previous run.")
 
 
-@pytest.mark.xfail(strict=True, reason=RECOVERY_RACE)
 def test_recovery_right_after_a_failed_run_is_not_missed(engine, db, route):
     """A successful run that starts right after a failed run of the same task is a recovery."""
     runs = []
@@ -719,19 +711,9 @@ def insert_due_in(db: Db, org_id: uuid.UUID, url: str, offsets: list[float]) -> 
     return ids
 
 
-BACKLOG_CROWDS_OUT = (
-    "claim_due takes its candidates as the oldest 2 x batch due rows of organisations below "
-    "their cap, and only then applies each organisation's headroom. While org A (backlog of "
-    "3,000, cap 50) is below its cap -- which is the case right after every result flush, when "
-    "the next claim runs -- A's older rows fill the whole window and B's due row is not looked "
-    "at; B is only claimed by a claim that happens to see A exactly at its cap (a safety tick, "
-    "or the other executor's claim right after a refill). Measured: B starts 0.03-0.83 s after "
-    "it is due (single API task: 0.4-1.6 s) while claims run every few ms. DECISIONS 14: a "
-    "backlog never delays another organisation's due execution by more than a claim cycle.")
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=BACKLOG_CROWDS_OUT)
 def test_backlog_of_one_org_does_not_delay_another(engine, db, route):
     a = engine.org(max_concurrency=50)
     b = engine.org()
@@ -772,17 +754,8 @@ def test_backlog_of_one_org_does_not_delay_another(engine, db, route):
         assert wait_final(db, r["id"])["status"] == "success"
 
 
-STALE_CLAIM_PLAN = (
-    "claim_due is a prepared statement (asyncpg caches it per pooled connection). After five "
-    "executions PostgreSQL switches it to a generic plan built from the table as it was then "
-    "(nearly empty): a nested loop that re-runs the 'candidates' window subquery once per pending "
-    "row. With a backlog of 3,000 due rows one claim takes seconds (measured 3-11 s; the same "
-    "statement on a new connection: ~0.05 s). In a running server this shows as executors "
-    "claiming nothing for seconds while their result writes wait on the claim's row locks, and "
-    "another organisation's due row starting 10+ s late (DECISIONS 14).")
 
 
-@pytest.mark.xfail(strict=True, reason=STALE_CLAIM_PLAN)
 def test_claim_stays_fast_on_a_long_lived_connection(pg_dsn):
     """The executors' claim statement, used as they use it: many claims on one pooled connection
     while little is due, then a backlog appears."""
@@ -844,16 +817,8 @@ def test_claim_stays_fast_on_a_long_lived_connection(pg_dsn):
         database.drop()
 
 
-LOST_TIMER = (
-    "Executor.wake_at never re-arms once a timer has fired: it returns early when "
-    "'self._timer_at <= when and not self._timer.cancelled()', and a fired TimerHandle is not "
-    "cancelled while _timer_at lies in the past. After each executor's first timer, "
-    "future-dated wake-ups (NOTIFY payloads, next_due_at, retries) are dropped and due rows "
-    "wait for the 1 s safety tick: started_at - scheduled_for up to ~1 s (measured 0.73-0.91 s "
-    "for API-created tasks, 3 ms for the very first one).")
 
 
-@pytest.mark.xfail(strict=True, reason=LOST_TIMER)
 def test_due_executions_start_on_time(engine, db, route):
     """An idle executor wakes for the next due time itself; it does not wait for its safety tick."""
     org = engine.org()
@@ -1054,21 +1019,9 @@ def test_sigterm_gives_back_deliveries_that_cannot_finish(pg_dsn, target):
         engine.close()
 
 
-GRACEFUL_STOP_LOSES_WORK = (
-    "Graceful stop leaves executions 'running' (until their lease expires, then they are "
-    "delivered again). Executor.run() cancels the result writer right after the in-flight "
-    "deliveries finish; when the writer is in the middle of _flush_results it has already taken "
-    "the batch out of self._results, the cancellation discards its connection (the UPDATE is "
-    "rolled back or never sent) and the batch is gone, so the final _flush_results has nothing "
-    "to write. Observed: {'pending': 200, 'running': 73} etc.; every row left running had "
-    "reached the target. Less often a claim is lost the same way: claimer.cancel() can land "
-    "after claim_due committed (during next_due_at), so claimed rows are never delivered nor "
-    "released (3 running rows that never reached the target). CONTRACT: finish in-flight "
-    "requests, flush every pending batch, release claims.")
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=GRACEFUL_STOP_LOSES_WORK)
 def test_sigterm_lets_short_deliveries_finish_and_records_them(pg_dsn, target):
     """SIGTERM while deliveries of 500 ms are in flight: exit within 10 s, and every execution is
     either recorded (success) or back to pending -- none left running. The stop is a race

@@ -23,7 +23,12 @@ from typing import Any
 
 import asyncpg
 
-from runlater.db.errors import DatabaseUnavailable, Overloaded, is_unavailable, translate
+from runlater.db.errors import (
+    DatabaseUnavailable,
+    Overloaded,
+    is_unavailable,
+    translate,
+)
 
 log = logging.getLogger("runlater.db")
 
@@ -144,7 +149,7 @@ class ConnectionPool:
 
 def _expire(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
-        fut.set_exception(asyncio.TimeoutError())
+        fut.set_exception(TimeoutError())
 
 
 async def connect_pool(
@@ -154,6 +159,7 @@ async def connect_pool(
     application_name: str,
     connect_timeout: float = 5.0,
     min_size: int | None = None,
+    server_settings: dict[str, str] | None = None,
 ) -> ConnectionPool:
     pool = ConnectionPool(dsn, size=size, connect_kwargs={
         "timeout": connect_timeout,
@@ -165,6 +171,7 @@ async def connect_pool(
             "application_name": application_name,
             # Durability is not negotiable: an acknowledged task survives a crash.
             "synchronous_commit": "on",
+            **(server_settings or {}),
         },
     })
     await pool.start(size if min_size is None else min_size)
@@ -261,7 +268,7 @@ class Database:
         try:
             try:
                 conn = await self.pool.acquire(timeout=self.acquire_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise Overloaded("no database connection free within the acquire timeout") from None
             except Exception as exc:
                 raise self.failed(exc) from exc
@@ -310,5 +317,5 @@ class Database:
                 task.cancel()
         try:
             await asyncio.wait_for(self.pool.close(), 5)
-        except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+        except (TimeoutError, Exception):  # noqa: BLE001
             self.pool.terminate()

@@ -25,7 +25,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -54,8 +54,18 @@ BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 
 
 class Result:
-    __slots__ = ("id", "fence", "status", "status_code", "duration_ms", "response_body",
-                 "error_message", "finished_at", "retry_id", "retry_at")
+    __slots__ = (
+        "duration_ms",
+        "error_message",
+        "fence",
+        "finished_at",
+        "id",
+        "response_body",
+        "retry_at",
+        "retry_id",
+        "status",
+        "status_code",
+    )
 
     def __init__(self, row: Any, status: str, status_code: int | None, duration_ms: int | None,
                  response_body: str | None, error_message: str | None, finished_at: datetime,
@@ -73,39 +83,26 @@ class Result:
 
 
 class Counters:
-    """Buffered bookkeeping flushed in batches instead of one write per execution."""
+    """Monthly execution counts per organization (first attempts), flushed in batches
+    instead of one write per execution."""
 
     def __init__(self) -> None:
-        self.tasks: dict[uuid.UUID, tuple[datetime, str | None]] = {}
         self.orgs: dict[uuid.UUID, int] = {}
 
-    def add(self, row: Any, finished_at: datetime, status: str, final: bool) -> None:
-        task_id = row["task_id"]
-        prev = self.tasks.get(task_id)
-        final_status = status if final else None
-        if prev is not None and final_status is None:
-            final_status = prev[1]
-        self.tasks[task_id] = (finished_at, final_status)
+    def add(self, row: Any) -> None:
         if row["attempt"] == 1:
             org = row["organization_id"]
             self.orgs[org] = self.orgs.get(org, 0) + 1
 
     async def flush(self, db: Database) -> None:
-        tasks, self.tasks = self.tasks, {}
         orgs, self.orgs = self.orgs, {}
+        if not orgs:
+            return
         try:
-            async with db.connection() as conn:
-                if tasks:
-                    ids = list(tasks)
-                    await conn.execute(Q.flush_task_outcomes, ids, [tasks[i][0] for i in ids],
-                                       [tasks[i][1] for i in ids])
-                if orgs:
-                    ids = list(orgs)
-                    await conn.execute(Q.flush_org_counts, ids, [orgs[i] for i in ids])
+            ids = list(orgs)
+            await db.execute(Q.flush_org_counts, ids, [orgs[i] for i in ids])
         except Exception as exc:  # noqa: BLE001 - keep the counts for the next flush
             log.warning("counter flush failed: %s", exc)
-            for k, v in tasks.items():
-                self.tasks.setdefault(k, v)
             for k, n in orgs.items():
                 self.orgs[k] = self.orgs.get(k, 0) + n
 
@@ -163,12 +160,19 @@ class Executor:
             self.wake()
             return
         when = self._loop.time() + delay
-        if self._timer is not None and self._timer_at <= when and not self._timer.cancelled():
+        if self._timer is not None and self._timer_at <= when:
             return
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = when
-        self._timer = self._loop.call_at(when, self.wake)
+        self._timer = self._loop.call_at(when, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        # Forget the fired handle, or the next wake_at would take it for a pending,
+        # earlier timer and never arm its own.
+        self._timer = None
+        self._timer_at = 0.0
+        self.wake()
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
         try:
@@ -204,14 +208,16 @@ class Executor:
             ready()
         claimer = self._loop.create_task(self._claim_loop(), name=f"{self.name}-claim")
         await stop.wait()
+        # Stop order matters, and nothing that holds claimed rows or unwritten results is
+        # cancelled: the claimer finishes its statement and stops (releasing anything it
+        # claimed after the stop), in-flight deliveries get until the deadline, then the
+        # writer drains every result before it exits.
         self._stopping = True
-        claimer.cancel()
+        self.wake()
         await asyncio.gather(claimer, return_exceptions=True)
         await self._finish_inflight(deadline=6.0)
         self._results_ready.set()
-        writer.cancel()
         await asyncio.gather(writer, return_exceptions=True)
-        await self._flush_results()
         await self.counters.flush(self.db)
         for task in (listener, housekeeping):
             task.cancel()
@@ -227,12 +233,17 @@ class Executor:
             task.cancel()
         if leftover:
             await asyncio.gather(*(t for t, _ in leftover), return_exceptions=True)
-            rows = [row for _, row in leftover]
-            try:
-                await self.db.execute(Q.release_claims, [r["id"] for r in rows], [r["started_at"] for r in rows])
-                log.info("released %d unfinished claims", len(rows))
-            except Exception as exc:  # noqa: BLE001 - their leases will expire instead
-                log.warning("could not release claims (%s); their leases will expire", exc)
+            await self._release([row for _, row in leftover])
+
+    async def _release(self, rows: list[Any]) -> None:
+        """Give claimed rows back to pending without using an attempt."""
+        if not rows:
+            return
+        try:
+            await self.db.execute(Q.release_claims, [r["id"] for r in rows], [r["started_at"] for r in rows])
+            log.info("released %d unfinished claims", len(rows))
+        except Exception as exc:  # noqa: BLE001 - their leases will expire instead
+            log.warning("could not release claims (%s); their leases will expire", exc)
 
     async def _listen(self) -> None:
         while True:
@@ -241,7 +252,7 @@ class Executor:
                 conn = await asyncpg.connect(self.dsn, timeout=5,
                                              server_settings={"application_name": f"runlater-{self.name}-listen"})
                 lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c: lost.set())
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(EXECUTIONS_CHANNEL, self._on_notify)
                 await conn.add_listener(HOST_BLOCKS_CHANNEL, self._on_host_block)
                 self.wake()  # anything committed while we were not listening
@@ -272,7 +283,7 @@ class Executor:
     # -- claiming -----------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             room = self.max_inflight - len(self._inflight)
             if room <= 0:
@@ -286,14 +297,15 @@ class Executor:
                         next_due = await conn.fetchval(Q.next_due_at)
                     else:
                         next_due = None
-            except asyncio.CancelledError:
-                raise
             except asyncpg.UniqueViolationError:
                 continue  # two claims raced for one serial queue; the index refused one
             except Exception as exc:  # noqa: BLE001
                 log.warning("claim failed: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
+            if self._stopping:
+                await self._release(rows)
+                return
             for row in rows:
                 task = self._loop.create_task(self._deliver(row))
                 self._inflight[row["id"]] = (task, row)
@@ -314,7 +326,7 @@ class Executor:
             await self._deliver_one(row)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - one broken row must not stop the executor
+        except Exception:
             log.exception("delivery of %s failed unexpectedly", row["id"])
             self._finish(row, "failed", None, None, None, "Internal error: delivery failed", final=True)
         finally:
@@ -366,14 +378,14 @@ class Executor:
         retry_at = None
         if status != "success" and outcome.should_retry(row["schedule_type"], row["attempt"], row["retry_attempts"]):
             delay = outcome.retry_delay(row["attempt"], status_code, retry_after)
-            retry_at = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=delay)
+            retry_at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=delay)
         self._finish(row, status, status_code, duration_ms, response_body, error,
                      final=retry_at is None, retry_at=retry_at)
 
     def _finish(self, row: Any, status: str, status_code: int | None, duration_ms: int | None,
                 response_body: str | None, error: str | None, *, final: bool,
                 retry_at: datetime | None = None) -> None:
-        finished_at = datetime.now(timezone.utc)
+        finished_at = datetime.now(UTC)
         result = Result(row, status, status_code, duration_ms, response_body, error, finished_at, retry_at)
         self._results.append(result)
         if len(self._results) >= self.result_batch:
@@ -382,11 +394,11 @@ class Executor:
             self._loop.call_later(self.result_linger, self._results_ready.set)
         self.delivered += 1
         if row["url"] is not None:
-            self.counters.add(row, finished_at, status, final)
+            self.counters.add(row)
             self.notifier.after_attempt(row, result, final)
 
     def _requeue(self, row: Any, until: float) -> None:
-        at = datetime.fromtimestamp(until, timezone.utc).replace(microsecond=0)
+        at = datetime.fromtimestamp(until, UTC).replace(microsecond=0)
         self._requeues.append((row["id"], row["started_at"], at))
         self._results_ready.set()
 
@@ -397,6 +409,8 @@ class Executor:
             await self._results_ready.wait()
             self._results_ready.clear()
             await self._flush_results()
+            if self._stopping and not self._inflight and not self._results and not self._requeues:
+                return
 
     async def _flush_results(self) -> None:
         while self._results or self._requeues:
@@ -424,7 +438,7 @@ class Executor:
                 self._results[:0] = batch
                 self._requeues[:0] = requeues
                 if self._stopping:
-                    return
+                    return  # leases expire and return these rows to pending
                 await asyncio.sleep(0.5)
                 continue
             # A finished row can free a serial queue or an organisation's slot.
@@ -468,7 +482,8 @@ async def _main(settings: Settings, dsn: str, index: int, heartbeat: Callable[[]
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    pool = await connect_pool(dsn, size=4, application_name=f"runlater-executor-{index}", min_size=2)
+    pool = await connect_pool(dsn, size=4, application_name=f"runlater-executor-{index}", min_size=2,
+                              server_settings={"plan_cache_mode": "force_custom_plan"})
     db = Database(pool, acquire_timeout=5.0, query_timeout=30.0)
     client = HttpClient(allow_private=settings.allow_private_targets, user_agent=f"runlater/{__version__}",
                         max_per_origin=settings.executor_max_per_origin)
@@ -493,7 +508,7 @@ async def _main(settings: Settings, dsn: str, index: int, heartbeat: Callable[[]
         stop.set()
         try:
             await asyncio.wait_for(scheduling, 5)
-        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - its session ends with us anyway
+        except (TimeoutError, Exception):  # noqa: BLE001 - its session ends with us anyway
             scheduling.cancel()
         beating.cancel()
         await client.close()

@@ -2,41 +2,45 @@
 -- Claim up to $1 due executions for one executor, in one statement.
 --
 -- Rules, all enforced here so they hold under any number of executors:
--- * only pending rows due now, oldest first (executions_pending_idx);
--- * an organisation never exceeds its max_concurrency running executions: rows of an
---   organisation at its cap are skipped in the scan, so its backlog cannot hold back
---   another organisation's due rows; within one claim, org_rank counts the rows this
---   statement itself takes;
--- * a named queue runs strictly one execution at a time per organisation: a queue with
---   a running row is skipped, and only the oldest due row of a queue (queue_rank = 1)
---   may be taken. If a concurrent executor holds the lock on that row, SKIP LOCKED
---   skips it and the queue's next row is not eligible (its rank is 2), so two
---   executors can never start the same queue at once. The unique index
---   executions_queue_running_uniq is the last line of defence;
+-- * fairness: organizations take turns. Each organization below its max_concurrency
+--   contributes its oldest due rows (executions_org_pending_idx, at most its headroom),
+--   and rows are taken by their rank within their organization first (every
+--   organization's 1st row, then every 2nd row, ...), oldest first within a rank. So a
+--   backlog of one organization never delays another's due row past one claim.
+-- * an organization never exceeds its max_concurrency running executions: org_rank
+--   counts the rows this statement itself takes against the headroom;
+-- * a named queue runs strictly one execution at a time per organization: a queue with
+--   a running row is skipped, and only its oldest due row (queue_rank = 1) may be taken.
+--   If a concurrent executor holds the lock on that row, SKIP LOCKED skips it and the
+--   queue's next row is not eligible (rank 2), so two executors never start one queue
+--   at once; the unique index executions_queue_running_uniq is the last line of defence;
 -- * paused queues are not claimed;
--- * the lease (timeout + $2 seconds) bounds how long a crashed executor can hold a row.
+-- * the lease (timeout + $2 seconds) bounds how long a crashed executor holds a row.
 -- Rows are re-checked after locking (status = 'pending'); READ COMMITTED re-evaluates
--- the predicate on the latest row version. Task and organisation fields the delivery
--- needs come back with the claim, so no further query is made per execution. A
--- missing task (hard-deleted) still returns the row, with NULL task fields.
+-- the predicate on the latest row version. Task and organization fields the delivery
+-- needs come back with the claim, so no further query is made per execution. A missing
+-- task (hard-deleted) still returns the row, with NULL task fields.
+-- Executors run this with plan_cache_mode = force_custom_plan: a cached generic plan,
+-- chosen while the table was small, turned the candidate scan into a per-row loop
+-- (seconds per claim with a few thousand due rows).
 WITH running AS (
     SELECT organization_id, count(*) AS n
     FROM executions WHERE status = 'running'
     GROUP BY organization_id
-), candidates AS (
-    SELECT c.id, c.organization_id, c.queue,
-           row_number() OVER (PARTITION BY c.organization_id, c.queue ORDER BY c.scheduled_for, c.id) AS queue_rank,
-           row_number() OVER (PARTITION BY c.organization_id ORDER BY c.scheduled_for, c.id) AS org_rank,
-           c.headroom
-    FROM (
-        SELECT e.id, e.organization_id, e.queue, e.scheduled_for,
-               o.max_concurrency - coalesce(r.n, 0) AS headroom
+), orgs AS (
+    SELECT o.id, o.max_concurrency - coalesce(r.n, 0) AS headroom
+    FROM organizations o
+    LEFT JOIN running r ON r.organization_id = o.id
+    WHERE coalesce(r.n, 0) < o.max_concurrency
+), due AS (
+    SELECT c.id, c.organization_id, c.queue, c.scheduled_for, orgs.headroom
+    FROM orgs
+    CROSS JOIN LATERAL (
+        SELECT e.id, e.organization_id, e.queue, e.scheduled_for
         FROM executions e
-        JOIN organizations o ON o.id = e.organization_id
-        LEFT JOIN running r ON r.organization_id = e.organization_id
-        WHERE e.status = 'pending'
+        WHERE e.organization_id = orgs.id
+          AND e.status = 'pending'
           AND e.scheduled_for <= now()
-          AND coalesce(r.n, 0) < o.max_concurrency
           AND (e.queue IS NULL OR NOT EXISTS (
                 SELECT 1 FROM executions x
                 WHERE x.organization_id = e.organization_id AND x.queue = e.queue AND x.status = 'running'))
@@ -44,8 +48,14 @@ WITH running AS (
                 SELECT 1 FROM queues q
                 WHERE q.organization_id = e.organization_id AND q.name = e.queue AND q.paused))
         ORDER BY e.scheduled_for
-        LIMIT $1 * 2
+        LIMIT least(orgs.headroom, $1)
     ) c
+), candidates AS (
+    SELECT d.id, d.queue,
+           row_number() OVER (PARTITION BY d.organization_id, d.queue ORDER BY d.scheduled_for, d.id) AS queue_rank,
+           row_number() OVER (PARTITION BY d.organization_id ORDER BY d.scheduled_for, d.id) AS org_rank,
+           d.headroom, d.scheduled_for
+    FROM due d
 ), locked AS (
     SELECT e.id
     FROM executions e
@@ -53,7 +63,7 @@ WITH running AS (
     WHERE e.status = 'pending'
       AND (c.queue IS NULL OR c.queue_rank = 1)
       AND c.org_rank <= c.headroom
-    ORDER BY e.scheduled_for
+    ORDER BY c.org_rank, c.scheduled_for
     LIMIT $1
     FOR UPDATE OF e SKIP LOCKED
 ), claimed AS (
@@ -99,11 +109,16 @@ WHERE e.id IN (
 RETURNING e.id;
 
 -- name: record_results
--- Write a batch of finished deliveries and create their retries in one statement.
+-- Write a batch of finished deliveries, create their retries and record each task's
+-- latest outcome, in one statement.
 -- The update is fenced on started_at (the claim's own timestamp): a late result for a
 -- row whose lease expired and was claimed again cannot overwrite the newer claim.
 -- A retry row is inserted only for results whose update happened, so a result is
 -- never applied twice. Retries copy the task's queue and callback (upstream rule).
+-- The task's last_execution_status changes only on a final outcome (success, or a
+-- failure with no retry left): it is "how the previous run ended", which the next
+-- run's failure/recovery notification is judged against, so it is written with the
+-- result and not later from a buffer.
 WITH input AS (
     SELECT * FROM unnest(
         $1::uuid[], $2::timestamptz[], $3::text[], $4::int[], $5::int[], $6::text[],
@@ -117,7 +132,8 @@ WITH input AS (
         finished_at = i.finished_at, lease_expires_at = NULL, updated_at = now()
     FROM input i
     WHERE e.id = i.id AND e.status = 'running' AND e.started_at = i.fence
-    RETURNING e.id, e.task_id, e.organization_id, e.attempt, i.retry_id, i.retry_at
+    RETURNING e.id, e.task_id, e.organization_id, e.attempt, i.retry_id, i.retry_at,
+              i.status, i.finished_at
 ), retried AS (
     INSERT INTO executions (id, task_id, organization_id, status, scheduled_for, attempt, callback_url, queue)
     SELECT d.retry_id, d.task_id, d.organization_id, 'pending', d.retry_at, d.attempt + 1,
@@ -125,6 +141,18 @@ WITH input AS (
     FROM done d JOIN tasks t ON t.id = d.task_id
     WHERE d.retry_id IS NOT NULL AND t.deleted_at IS NULL
     RETURNING scheduled_for
+), outcomes AS (
+    -- One row per task (the latest result in this batch) so each task row is updated once.
+    SELECT DISTINCT ON (task_id) task_id, finished_at,
+           CASE WHEN retry_id IS NULL THEN status END AS final_status
+    FROM done
+    ORDER BY task_id, finished_at DESC
+), touched AS (
+    UPDATE tasks t
+    SET last_execution_at = greatest(t.last_execution_at, o.finished_at),
+        last_execution_status = coalesce(o.final_status, t.last_execution_status)
+    FROM outcomes o
+    WHERE t.id = o.task_id
 )
 SELECT array_agg(d.id) AS applied,
        (SELECT extract(epoch FROM min(scheduled_for)) FROM retried) AS next_retry
@@ -144,15 +172,6 @@ UPDATE executions e
 SET status = 'pending', started_at = NULL, lease_expires_at = NULL, updated_at = now()
 FROM unnest($1::uuid[], $2::timestamptz[]) AS u(id, fence)
 WHERE e.id = u.id AND e.status = 'running' AND e.started_at = u.fence;
-
--- name: flush_task_outcomes
--- Buffered per-task bookkeeping: when each task last ran and, for final outcomes, how
--- its last run ended (the "previous run" that failure/recovery transitions compare to).
-UPDATE tasks t
-SET last_execution_at = greatest(t.last_execution_at, u.at),
-    last_execution_status = coalesce(u.status, t.last_execution_status)
-FROM unnest($1::uuid[], $2::timestamptz[], $3::text[]) AS u(id, at, status)
-WHERE t.id = u.id;
 
 -- name: flush_org_counts
 -- Buffered monthly execution counters (first attempts only).
