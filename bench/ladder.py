@@ -745,6 +745,9 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     prefix = {"ladder.py": ["python", "-m", "bench.ladder"], "e2e.py": ["python", "-m", "bench.e2e"]}.get(
         entry, ["runlater"] if "runlater" in sys.argv[0] else [entry])
     shown = [*prefix, *sys.argv[1:]] if given is None else ["python", "-m", "bench.ladder", *given]
+    # The report is meant to be shared: never print the API key.
+    shown = ["KEY" if i and shown[i - 1] == "--key" else ("--key=KEY" if a.startswith("--key=") else a)
+             for i, a in enumerate(shown)]
     try:
         out.mkdir(parents=True, exist_ok=True)
         results, setup, problems, env = run_ladder(args, rates, seconds, out, k6, shown)
