@@ -49,6 +49,8 @@ from runlater.workers.signing import upstream_signature, webhook_headers
 log = logging.getLogger("runlater.executor")
 
 EXECUTIONS_CHANNEL = "runlater_executions"
+_TIMER_MARGIN = 0.002
+_JUST_DUE = 0.1
 HOST_BLOCKS_CHANNEL = "runlater_host_blocks"
 BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 
@@ -155,7 +157,9 @@ class Executor:
 
     def wake_at(self, epoch: float) -> None:
         """Arm (or bring forward) the timer for the next due time."""
-        delay = epoch - time.time()
+        # Fire a little after the due time: the event loop's timers may run up to a
+        # millisecond early, and a claim made before the row is due finds nothing.
+        delay = epoch - time.time() + _TIMER_MARGIN
         if delay <= 0:
             self.wake()
             return
@@ -313,10 +317,15 @@ class Executor:
                 continue
             if next_due is not None:
                 epoch = next_due.timestamp()
-                # A due row we could not take (paused queue, busy queue, capped org)
-                # is retried on the next wake-up, not in a tight loop.
-                if epoch > time.time():
+                now = time.time()
+                if epoch > now:
                     self.wake_at(epoch)
+                elif now - epoch < _JUST_DUE:
+                    # Became due while the claim ran (or another executor holds it
+                    # locked): look again shortly rather than at the next safety tick.
+                    self.wake_at(now + _JUST_DUE / 4)
+                # Older due rows we could not take (paused or busy queue, capped
+                # organization) are retried on the next wake-up, not in a tight loop.
             await self._wake.wait()
 
     # -- delivery -----------------------------------------------------------------------
