@@ -113,6 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from runlater.cache.shm import SharedRegion
     from runlater.core.master import ChildSpec, Supervisor, enable_reuseport_migration, raise_nofile_limit
     from runlater.http import worker as http_worker
+    from runlater.http.limits import SharedLimits
 
     settings = Settings.from_env(
         host=args.host, port=args.port, http_workers=args.http_workers,
@@ -128,8 +129,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"  {key}", flush=True)
         # Created before any fork so every worker maps the same memory.
         cache = KeyCache(SharedRegion.anonymous(KeyCache.region_size()))
+        limits = SharedLimits(settings)  # rate limits, quotas, in-flight idempotency keys
         specs = [ChildSpec("http worker", settings.http_workers,
-                           lambda ctx: http_worker.run(settings, dsn, cache, ctx))]
+                           lambda ctx: http_worker.run(settings, dsn, cache, ctx, limits))]
         if settings.executors:
             from runlater.workers import executor
 

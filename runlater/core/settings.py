@@ -83,6 +83,29 @@ class Settings:
     heartbeat_timeout: float = 30.0
     graceful_timeout: float = 10.0
 
+    # Rate limits: requests per window per API key (by tier) and per client IP on public
+    # routes; 0 = no limit. Counted in shared memory by all workers of the node.
+    rate_limit_free: int = 600
+    rate_limit_pro: int = 60_000
+    rate_limit_unlimited: int = 0
+    rate_limit_ip: int = 6000
+    rate_limit_window: float = 60.0
+    rate_limit_slots: int = 16384
+    trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For names the client
+
+    # Monthly execution quotas by tier; 0 = no limit.
+    quota_free: int = 10_000
+    quota_pro: int = 1_000_000
+    quota_unlimited: int = 0
+    quota_refresh: float = 10.0  # seconds between syncs of the shared counters with the database
+    quota_slots: int = 8192
+
+    # Idempotency keys
+    idempotency_ttl: float = 86400.0  # a stored answer is replayed this long
+    idempotency_inflight_ttl: float = 120.0  # a crashed worker's in-flight key frees itself after this
+    idempotency_slots: int = 4096
+    idempotency_cleanup_interval: float = 3600.0
+
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
             raise SettingsError(f"--port {self.port} must be within 1..65535")
@@ -127,6 +150,22 @@ class Settings:
             executor_max_per_origin=_env_int(env, "RUNLATER_EXECUTOR_MAX_PER_ORIGIN", 512, 1, 100_000),
             executor_claim_batch=_env_int(env, "RUNLATER_EXECUTOR_CLAIM_BATCH", 500, 1, 10_000),
             lease_margin=_env_float(env, "RUNLATER_LEASE_MARGIN", 60.0, 0.5, 3600),
+            rate_limit_free=_env_int(env, "RUNLATER_RATE_LIMIT_FREE", 600, 0, 2**31),
+            rate_limit_pro=_env_int(env, "RUNLATER_RATE_LIMIT_PRO", 60_000, 0, 2**31),
+            rate_limit_unlimited=_env_int(env, "RUNLATER_RATE_LIMIT_UNLIMITED", 0, 0, 2**31),
+            rate_limit_ip=_env_int(env, "RUNLATER_RATE_LIMIT_IP", 6000, 0, 2**31),
+            rate_limit_window=_env_float(env, "RUNLATER_RATE_LIMIT_WINDOW", 60.0, 1, 86400),
+            rate_limit_slots=_env_int(env, "RUNLATER_RATE_LIMIT_SLOTS", 16384, 64, 1 << 24),
+            trusted_proxies=tuple(p.strip() for p in env.get("RUNLATER_TRUSTED_PROXIES", "").split(",") if p.strip()),
+            quota_free=_env_int(env, "RUNLATER_QUOTA_FREE", 10_000, 0, 2**46),
+            quota_pro=_env_int(env, "RUNLATER_QUOTA_PRO", 1_000_000, 0, 2**46),
+            quota_unlimited=_env_int(env, "RUNLATER_QUOTA_UNLIMITED", 0, 0, 2**46),
+            quota_refresh=_env_float(env, "RUNLATER_QUOTA_REFRESH", 10.0, 0.05, 3600),
+            quota_slots=_env_int(env, "RUNLATER_QUOTA_SLOTS", 8192, 64, 1 << 24),
+            idempotency_ttl=_env_float(env, "RUNLATER_IDEMPOTENCY_TTL", 86400.0, 1, 30 * 86400),
+            idempotency_inflight_ttl=_env_float(env, "RUNLATER_IDEMPOTENCY_INFLIGHT_TTL", 120.0, 1, 86400),
+            idempotency_slots=_env_int(env, "RUNLATER_IDEMPOTENCY_SLOTS", 4096, 64, 1 << 24),
+            idempotency_cleanup_interval=_env_float(env, "RUNLATER_IDEMPOTENCY_CLEANUP_INTERVAL", 3600.0, 1, 86400),
         )
         values.update({k: v for k, v in cli.items() if v is not None})
         if "data_dir" in values:

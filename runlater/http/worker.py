@@ -15,6 +15,7 @@ import signal
 import asyncpg
 import uvloop
 
+from runlater.cache.inflight import InflightTable
 from runlater.cache.keycache import KeyCache
 from runlater.core.settings import Settings
 from runlater.db.batcher import InsertBatcher
@@ -22,6 +23,8 @@ from runlater.db.pool import Database, connect_pool
 from runlater.db.queries import Q
 from runlater.http.api import Api, _error_for, once_columns
 from runlater.http.auth import Authenticator
+from runlater.http.idempotency import IdempotencyLayer
+from runlater.http.limits import LimitsGuard, SharedLimits
 from runlater.http.protocol import ProtocolConfig
 from runlater.http.server import serve
 
@@ -90,7 +93,8 @@ class KeyRevocationListener:
             await asyncio.sleep(self.retry_interval)
 
 
-async def _serve(settings: Settings, dsn: str, cache: KeyCache, index: int, heartbeat, ready) -> None:
+async def _serve(settings: Settings, dsn: str, cache: KeyCache, index: int, heartbeat, ready,
+                 limits: SharedLimits | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -106,7 +110,14 @@ async def _serve(settings: Settings, dsn: str, cache: KeyCache, index: int, hear
         name=f"create-batcher-{index}",
     )
     auth = Authenticator(cache, db)
-    api = Api(db, auth, batcher)
+    guard = idempotency = None
+    if limits is not None:
+        guard = LimitsGuard(limits, db, settings)
+        await guard.start()  # monthly usage is loaded before the first request is admitted
+        idempotency = IdempotencyLayer.from_settings(
+            InflightTable(limits.inflight_region, slots=settings.idempotency_slots), db, settings)
+        idempotency.start()
+    api = Api(db, auth, batcher, guard=guard, idempotency=idempotency)
     listener = KeyRevocationListener(dsn, cache, auth)
     listener.start()
     config = ProtocolConfig(
@@ -134,12 +145,16 @@ async def _serve(settings: Settings, dsn: str, cache: KeyCache, index: int, hear
     log.info("worker %d: %d tasks created in %d statements", index, batcher.rows_committed, batcher.statements)
     beating.cancel()
     await listener.stop()
+    if guard is not None:
+        await guard.stop()
+    if idempotency is not None:
+        await idempotency.stop()
     await db.close()
 
 
-def run(settings: Settings, dsn: str, cache: KeyCache, ctx) -> None:
+def run(settings: Settings, dsn: str, cache: KeyCache, ctx, limits: SharedLimits | None = None) -> None:
     """Child entry point: serve until SIGTERM/SIGINT."""
     # A SIGHUP sent to the whole process group (a terminal hang-up, `kill -HUP -PGID`)
     # is the master's business: it replaces workers one by one.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    uvloop.run(_serve(settings, dsn, cache, ctx.index, ctx.heartbeat, ctx.ready))
+    uvloop.run(_serve(settings, dsn, cache, ctx.index, ctx.heartbeat, ctx.ready, limits))
