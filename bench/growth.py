@@ -128,6 +128,7 @@ class Step:
     claim_plan_ms: float | None = None
     claim_wall_ms: float | None = None
     claim_rows: int = 0
+    claim_nojit_ms: float | None = None
     create: dict[str, float] = field(default_factory=dict)
     listing: dict[str, float] = field(default_factory=dict)
     executions_size: str = ""
@@ -181,8 +182,9 @@ def load_to(dsn: str, org: object, step: Step, have: Step, tasks: int) -> None:
 
 
 async def _claim_times(dsn: str, claim_sql: str, reps: int = 7,
-                       plan_path: Path | None = None) -> tuple[float, float, float, int]:
-    """(median EXPLAIN ANALYZE execution ms, median planning ms, median client ms, rows claimed).
+                       plan_path: Path | None = None) -> tuple[float, float, float, int, float]:
+    """(median EXPLAIN ANALYZE execution ms, median planning ms, median client ms, rows claimed,
+    median EXPLAIN ANALYZE execution ms with jit off).
 
     With ``plan_path``, one more EXPLAIN (ANALYZE, BUFFERS) in text form is written there.
     """
@@ -191,7 +193,7 @@ async def _claim_times(dsn: str, claim_sql: str, reps: int = 7,
     import asyncpg
 
     conn = await asyncpg.connect(dsn, timeout=10)
-    execs, plans, walls, rows = [], [], [], 0
+    execs, plans, walls, nojit, rows = [], [], [], [], 0
     try:
         if plan_path is not None:
             tr = conn.transaction()
@@ -212,6 +214,18 @@ async def _claim_times(dsn: str, claim_sql: str, reps: int = 7,
             execs.append(doc["Execution Time"])
             plans.append(doc["Planning Time"])
             rows = doc["Plan"].get("Actual Rows", rows)
+        # The same EXPLAIN with JIT off: whether the planner's estimate pushed the claim over
+        # jit_above_cost (it compiles then, at a cost of seconds) shows as the difference.
+        await conn.execute("SET jit = off")
+        for _ in range(reps):
+            tr = conn.transaction()
+            await tr.start()
+            try:
+                plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {claim_sql}", 500, 60.0)
+            finally:
+                await tr.rollback()
+            nojit.append(json.loads(plan)[0]["Execution Time"])
+        await conn.execute("RESET jit")
         stmt = await conn.prepare(claim_sql)
         for _ in range(reps):
             tr = conn.transaction()
@@ -225,7 +239,8 @@ async def _claim_times(dsn: str, claim_sql: str, reps: int = 7,
                 await tr.rollback()
     finally:
         await conn.close()
-    return statistics.median(execs), statistics.median(plans), statistics.median(walls), rows
+    return (statistics.median(execs), statistics.median(plans), statistics.median(walls), rows,
+            statistics.median(nojit))
 
 
 def measure(dsn: str, org: object, url: str, key: str, step: Step, args: argparse.Namespace, k6: str,
@@ -234,10 +249,11 @@ def measure(dsn: str, org: object, url: str, key: str, step: Step, args: argpars
 
     sql_value(dsn, ADD_DUE, org, 2000, step.tasks)
     sql_execute(dsn, "ANALYZE executions")
-    step.claim_exec_ms, step.claim_plan_ms, step.claim_wall_ms, step.claim_rows = asyncio.run(
+    (step.claim_exec_ms, step.claim_plan_ms, step.claim_wall_ms, step.claim_rows,
+     step.claim_nojit_ms) = asyncio.run(
         _claim_times(dsn, Q.claim_due, plan_path=out / f"claim-plan-{step.size}.txt"))
-    log(f"  claim_due: {step.claim_exec_ms:.2f} ms execution (EXPLAIN ANALYZE), {step.claim_wall_ms:.2f} ms "
-        f"from the client, {step.claim_rows} rows")
+    log(f"  claim_due: {step.claim_exec_ms:.2f} ms execution (EXPLAIN ANALYZE; {step.claim_nojit_ms:.2f} with jit off), "
+        f"{step.claim_wall_ms:.2f} ms from the client, {step.claim_rows} rows")
     r, _ = run_k6(k6, f"size {step.size:,} creates", url, key, "http://127.0.0.1:9/hook", args.create_rate,
                   args.seconds, out / f"k6-growth-{step.size}-create", mix="create")
     step.create = {"p50": r.p50_ms, "p95": r.p95_ms, "p99": r.p99_ms, "rps": r.achieved_rps,
@@ -315,13 +331,13 @@ def _ms(v: float | None) -> str:
 def report(args: argparse.Namespace, steps: list[Step], env: list[tuple[str, str]]) -> str:
     lines = ["# Cost growth: one organization, executions table at each size", "",
              "| executions rows | history / pending ahead | tasks | load s | claim_due exec ms (EXPLAIN ANALYZE) "
-             "| claim_due client ms | rows claimed | create p50 / p95 / p99 ms | list p50 / p95 / p99 ms | "
+             "| same, jit off | claim_due client ms | rows claimed | create p50 / p95 / p99 ms | list p50 / p95 / p99 ms | "
              "executions size | tasks size |",
-             "|---:|---|---:|---:|---:|---:|---:|---|---|---|---|"]
+             "|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
     for s in steps:
         c, li = s.create, s.listing
         lines.append(f"| {s.size:,} | {s.history:,} / {s.pending_future:,} | {s.tasks:,} | {s.load_s:.0f} | "
-                     f"{_ms(s.claim_exec_ms)} | {_ms(s.claim_wall_ms)} | {s.claim_rows} | "
+                     f"{_ms(s.claim_exec_ms)} | {_ms(s.claim_nojit_ms)} | {_ms(s.claim_wall_ms)} | {s.claim_rows} | "
                      f"{c.get('p50', 0):.1f} / {c.get('p95', 0):.1f} / {c.get('p99', 0):.1f} | "
                      f"{li.get('p50', 0):.1f} / {li.get('p95', 0):.1f} / {li.get('p99', 0):.1f} | "
                      f"{s.executions_size} | {s.tasks_size} |")
