@@ -297,6 +297,50 @@ def test_exact_with_leases_once_they_are_given_back():
     region.close()
 
 
+def _guard(**settings_kw):
+    from runlater.core.settings import Settings
+    from runlater.http.limits import LimitsGuard, SharedLimits
+
+    settings = Settings(http_workers=1, **settings_kw)
+    return LimitsGuard(SharedLimits(settings), db=None, settings=settings)  # type: ignore[arg-type]
+
+
+def _req(client: str = "10.0.0.1", **headers: str):
+    from runlater.http.messages import Request
+
+    return Request("GET", "/health", "", dict(headers), b"", client)
+
+
+def test_guard_answers_429_with_headers_and_skips_unlimited():
+    import uuid as _uuid
+
+    from runlater.http.auth import AuthContext
+
+    guard = _guard(rate_limit_free=2, rate_limit_unlimited=0)
+    free = AuthContext(_uuid.uuid4(), _uuid.uuid4(), "free")
+    assert guard.admit(_req(), free) is None and guard.admit(_req(), free) is None
+    refused = guard.admit(_req(), free)
+    assert refused is not None and refused.status == 429
+    assert json.loads(refused.body) == {"error": "Rate limit exceeded. Try again later."}
+    headers = dict(refused.headers)
+    assert headers[b"x-ratelimit-limit"] == b"2" and headers[b"x-ratelimit-remaining"] == b"0"
+    assert int(headers[b"retry-after"]) >= 1
+    assert int(headers[b"x-ratelimit-reset"]) >= int(time.time()) + 1
+    unlimited = AuthContext(_uuid.uuid4(), _uuid.uuid4(), "unlimited")
+    assert all(guard.admit(_req(), unlimited) is None for _ in range(100))
+
+
+def test_client_address_behind_a_trusted_proxy():
+    guard = _guard(rate_limit_ip=1, trusted_proxies=("10.0.0.1",))
+    # From the proxy: counted under the address it saw (the last X-Forwarded-For entry).
+    assert guard.admit(_req("10.0.0.1", **{"x-forwarded-for": "6.6.6.6, 1.2.3.4"}), None) is None
+    assert guard.admit(_req("10.0.0.1", **{"x-forwarded-for": "7.7.7.7, 1.2.3.4"}), None).status == 429
+    assert guard.admit(_req("10.0.0.1", **{"x-forwarded-for": "1.2.3.5"}), None) is None
+    # From anyone else the header is ignored: it could be forged.
+    assert guard.admit(_req("10.9.9.9", **{"x-forwarded-for": "1.2.3.6"}), None) is None
+    assert guard.admit(_req("10.9.9.9", **{"x-forwarded-for": "1.2.3.7"}), None).status == 429
+
+
 # -- the real server --------------------------------------------------------------------------------
 
 WINDOW = 3600

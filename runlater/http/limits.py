@@ -149,19 +149,23 @@ class LimitsGuard(Guard):
     def admit(self, req: Request, ctx: AuthContext | None) -> Response | None:
         ident: Any = ctx if ctx is not None else self._client(req)
         pair = self._entries.get(ident)
-        now = self._clock()
         if pair is None:
-            pair = self._place(ident, ctx, now)
+            pair = self._place(ident, ctx, self._clock())
         e, limit = pair
         if e is None:
-            if limit == 0 or now < limit:
-                return None  # not limited, or no room in the table for now
+            if limit == 0:
+                return None  # not limited (tier unlimited, or a limit of 0)
+            now = self._clock()
+            if now < limit:
+                return None  # no room in the table: admitted uncounted until ``limit``
             e, limit = self._place(ident, ctx, now)
             if e is None:
                 return None
-        elif e[5] and now < e[6]:
-            e[5] -= 1  # a request of a lease this process holds (RateCounters, R5)
-            return None
+        else:
+            now = self._clock()
+            if e[5] and now < e[6]:
+                e[5] -= 1  # a request of a lease this process holds (RateCounters, R5)
+                return None
         wait = self.rates.hit(e, limit, now)
         if wait is None:
             return None
