@@ -15,6 +15,10 @@ async def create_key(conn: asyncpg.Connection, org_name: str, tier: str | None =
         org_id = await conn.fetchval(Q.ensure_organization, uuid7(), org_name, tier, generate_webhook_secret())
         key_id, secret = generate_key()
         await conn.execute(Q.create_key, uuid7(), org_id, name, key_id, hash_secret(secret))
+    # organizations stays small, so autovacuum may never analyze it; without statistics
+    # the planner assumes hundreds of rows and prices the executors' claim (which visits
+    # every organization) far too high.
+    await conn.execute("ANALYZE organizations")
     return f"{key_id}.{secret}"
 
 

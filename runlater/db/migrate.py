@@ -43,6 +43,9 @@ async def apply(conn: asyncpg.Connection) -> list[str]:
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
             log.info("applied migration %s", version)
             applied.append(version)
+        if applied:
+            # Fresh tables have no statistics; give the planner some at once.
+            await conn.execute("ANALYZE")
         return applied
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)

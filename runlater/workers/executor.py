@@ -491,8 +491,7 @@ async def _main(settings: Settings, dsn: str, index: int, heartbeat: Callable[[]
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    pool = await connect_pool(dsn, size=4, application_name=f"runlater-executor-{index}", min_size=2,
-                              server_settings={"plan_cache_mode": "force_custom_plan"})
+    pool = await connect_pool(dsn, size=4, application_name=f"runlater-executor-{index}", min_size=2)
     db = Database(pool, acquire_timeout=5.0, query_timeout=30.0)
     client = HttpClient(allow_private=settings.allow_private_targets, user_agent=f"runlater/{__version__}",
                         max_per_origin=settings.executor_max_per_origin)

@@ -40,13 +40,16 @@ FROM input;
 -- limit+1 rows through tasks_org_list_idx (same ORDER BY, so no sort) and reports
 -- whether the extra row existed instead of counting. $3 is the queue filter and $4
 -- says whether to apply it; the literal 'none' selects tasks without a queue.
--- row_number() OVER () numbers rows in the order the sorted subquery yields them.
+-- The page is chosen on whole rows first and rendered afterwards, so JSON is built for
+-- limit+1 rows only, whatever plan is chosen (a top-N sort over rendered documents
+-- cost ~22 µs per row of the organisation). row_number() OVER () numbers rows in the
+-- order the sorted subquery yields them.
 SELECT count(*) > $2 AS has_more,
        coalesce(json_agg(page.doc) FILTER (WHERE page.n <= $2), '[]')::text AS data
 FROM (
-    SELECT row_number() OVER () AS n, s.doc
+    SELECT row_number() OVER () AS n, rl_task_json(s.t) AS doc
     FROM (
-        SELECT rl_task_json(t) AS doc
+        SELECT t
         FROM tasks t
         WHERE t.organization_id = $1
           AND t.deleted_at IS NULL
