@@ -72,6 +72,7 @@ class Settings:
     batch_max_rows: int = 500
     batch_max_backlog: int = 20_000
     batch_max_inflight: int = 3
+    batch_max_wait: float = 0.5  # oldest queued create older than this → new creates get 503
 
     # Executors
     executor_max_inflight: int = 5000  # deliveries in flight per executor process
@@ -145,6 +146,7 @@ class Settings:
             batch_max_rows=_env_int(env, "RUNLATER_BATCH_MAX_ROWS", 500, 1, 10_000),
             batch_max_backlog=_env_int(env, "RUNLATER_BATCH_MAX_BACKLOG", 20_000, 1, 1_000_000),
             batch_max_inflight=_env_int(env, "RUNLATER_BATCH_MAX_INFLIGHT", 3, 1, 64),
+            batch_max_wait=_env_float(env, "RUNLATER_BATCH_MAX_WAIT", 0.5, 0.01, 60),
             heartbeat_timeout=_env_float(env, "RUNLATER_HEARTBEAT_TIMEOUT", 30.0, 1, 3600),
             executor_max_inflight=_env_int(env, "RUNLATER_EXECUTOR_MAX_INFLIGHT", 5000, 1, 100_000),
             executor_max_per_origin=_env_int(env, "RUNLATER_EXECUTOR_MAX_PER_ORIGIN", 512, 1, 100_000),

@@ -262,7 +262,8 @@ class Api:
             await self.db.fetchval("SELECT 1")
             answer = HEALTH_OK
         except Overloaded:
-            answer = HEALTH_OK
+            # Busy is healthy; busy because nothing comes back is not.
+            answer = HEALTH_DOWN if self.db.stalled(1.0) else HEALTH_OK
         except Exception:  # noqa: BLE001
             answer = HEALTH_DOWN
         self._health_at = time.monotonic()
@@ -389,6 +390,7 @@ class Api:
     )
     async def trigger_task(self, req: Request, ctx: AuthContext) -> Response:
         task_id = self._task_id(req)
+        self.guard.admit_executions(ctx, 1)  # a trigger creates an execution (DECISIONS 9)
         row = await self.db.fetchrow(Q.trigger_task, task_id, ctx.organization_id, uuid7())
         if row is None:
             return NOT_FOUND

@@ -101,12 +101,14 @@ async def _serve(settings: Settings, dsn: str, cache: KeyCache, index: int, hear
         loop.add_signal_handler(sig, stop.set)
 
     pool = await connect_pool(dsn, size=settings.db_pool_size, application_name=f"runlater-http-{index}", min_size=2)
-    db = Database(pool, acquire_timeout=settings.db_acquire_timeout, query_timeout=settings.db_query_timeout)
+    db = Database(pool, acquire_timeout=settings.db_acquire_timeout, query_timeout=settings.db_query_timeout,
+                  max_waiters=4 * settings.db_pool_size)
     batcher = InsertBatcher(
         db, Q.create_once_batch, once_columns, _error_for,
         max_rows=settings.batch_max_rows,
         max_inflight=settings.batch_max_inflight,
         max_backlog=settings.batch_max_backlog,
+        max_wait=settings.batch_max_wait,
         name=f"create-batcher-{index}",
     )
     auth = Authenticator(cache, db)
