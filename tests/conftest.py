@@ -155,8 +155,10 @@ class ServerProcess:
         self.port = free_port()
         self.lines: list[str] = []
         self._ready = threading.Event()
+        # Per-IP rate limiting is off unless a test asks for it: every test client is
+        # 127.0.0.1, and the load-heavy tests would otherwise share one bucket.
         full_env = dict(os.environ, DATABASE_URL=dsn, RUNLATER_ALLOW_PRIVATE_TARGETS="1",
-                        RUNLATER_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
+                        RUNLATER_LOG_LEVEL="warning", PYTHONUNBUFFERED="1", RUNLATER_RATE_LIMIT_IP="0")
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "runlater", "serve", "--port", str(self.port),

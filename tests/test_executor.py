@@ -748,8 +748,10 @@ def test_backlog_of_one_org_does_not_delay_another(engine, db, route):
     lateness = [(r["started_at"] - r["scheduled_for"]).total_seconds() for r in rows]
     print(f"org B lateness (s): {[round(x, 3) for x in lateness]}; A had {a_pending} pending; "
           f"A peaked at {peak} running")
-    # A claim cycle takes milliseconds here; a quarter of a second is several of them.
-    assert max(lateness) <= 0.25, f"org B started late behind org A's backlog: {lateness}"
+    # One claim cycle takes tens of milliseconds on a quiet machine and up to ~0.3 s on a
+    # loaded 2-core CI machine with this backlog; before the fair claim, B waited up to
+    # 1.6 s behind A. Half a second is one or two cycles even under load.
+    assert max(lateness) <= 0.5, f"org B started late behind org A's backlog: {lateness}"
     for r in rows:
         assert wait_final(db, r["id"])["status"] == "success"
 
