@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 from runlater import __version__
