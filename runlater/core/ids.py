@@ -81,3 +81,30 @@ def parse_uuid(text: str) -> uuid.UUID | None:
         return uuid.UUID(text)
     except ValueError:
         return None
+
+
+# Byte maps that set the version nibble (7) and the variant bits (10) of a UUID byte.
+_VERSION_7 = bytes(0x70 | (b & 0x0F) for b in range(256))
+_VARIANT_10 = bytes(0x80 | (b & 0x3F) for b in range(256))
+
+
+def uuid7_hex_bulk(n: int) -> list[str]:
+    """``n`` UUIDv7 ids (RFC 9562: 48-bit Unix milliseconds, version, random bits) as
+    32 hex digits.
+
+    Made in bulk, with byte-slice operations over one ``os.urandom`` buffer: a tick of
+    100,000 executions spends a few hundredths of a second here, where ``uuid7()`` per
+    row costs about a second and a uuid function per row in SQL more. Ids of one batch
+    share their millisecond and are not ordered among themselves (``uuid7()``'s
+    in-process counter orders ids of one process); nothing relies on that order.
+    """
+    if n <= 0:
+        return []
+    buf = bytearray(os.urandom(16 * n))
+    ms = (time.time_ns() // 1_000_000).to_bytes(6, "big")
+    for k in range(6):
+        buf[k::16] = ms[k : k + 1] * n
+    buf[6::16] = buf[6::16].translate(_VERSION_7)
+    buf[8::16] = buf[8::16].translate(_VARIANT_10)
+    text = buf.hex()
+    return [text[i : i + 32] for i in range(0, 32 * n, 32)]
