@@ -508,7 +508,10 @@ async def _main(settings: Settings, dsn: str, index: int, heartbeat: Callable[[]
     beating = loop.create_task(beat(), name="heartbeat")
     # Every executor contends for the one scheduler leadership (an advisory lock), so
     # cron keeps running while any executor anywhere is alive.
-    scheduler = Scheduler(dsn, name=f"scheduler-{index}")
+    # The tier limits are the same settings the API's quota check uses (0 = no limit).
+    quotas = {"free": settings.quota_free, "pro": settings.quota_pro, "unlimited": settings.quota_unlimited}
+    scheduler = Scheduler(dsn, name=f"scheduler-{index}",
+                          monthly_limits={tier: (n or None) for tier, n in quotas.items()})
     scheduling = loop.create_task(scheduler.run(stop), name=f"scheduler-{index}")
     try:
         await executor.run(stop, ready)

@@ -38,13 +38,20 @@ SELECT pg_advisory_unlock($1);
 -- One chunk of tasks whose cursor is due by $1 (now + lookahead), after the keyset
 -- position ($2, $3) and in (next_run_at, id) order, so a tick pages through any number
 -- of due tasks without re-reading rows and walks tasks_next_run_idx in index order.
--- The organisation's tier and monthly count come with each task: the monthly-limit
--- check of a whole chunk costs no further query. Nothing is locked here: the write
--- (scheduler_advance) re-checks each cursor, which is what makes a slot happen once.
+-- The organisation's tier and monthly usage come with each task: the monthly-limit
+-- check of a whole chunk costs no further query. Usage is the larger of the executions
+-- finished (organizations.monthly_execution_count) and those created through the API
+-- this month (execution_usage), the same figure the API's quota check uses. Nothing is
+-- locked here: the write (scheduler_advance) re-checks each cursor, which is what makes
+-- a slot happen once.
 SELECT t.id, t.organization_id, t.schedule_type, t.cron_expression, t.timezone,
-       t.next_run_at, t.inserted_at, o.tier, o.monthly_execution_count
+       t.next_run_at, t.inserted_at, o.tier,
+       greatest(o.monthly_execution_count, coalesce(u.created, 0)) AS monthly_execution_count
 FROM tasks t
 JOIN organizations o ON o.id = t.organization_id
+LEFT JOIN execution_usage u
+       ON u.organization_id = t.organization_id
+      AND u.month = date_trunc('month', now() AT TIME ZONE 'UTC')::date
 WHERE t.enabled AND t.deleted_at IS NULL AND t.next_run_at IS NOT NULL
   AND t.next_run_at <= $1
   AND (t.next_run_at, t.id) > ($2::timestamptz, $3::uuid)
