@@ -294,9 +294,12 @@ class Server:
         return children_of(self.proc.pid)
 
 
-def start_runlater(dsn: str, port: int, http_workers: int, extra_env: dict[str, str], log_path: Path) -> Server:
+def start_runlater(dsn: str, port: int, http_workers: int, extra_env: dict[str, str], log_path: Path,
+                   executors: int = 0) -> Server:
+    """``runlater serve`` (API only unless ``executors``), waiting for its ``listening on`` line."""
     env = {**os.environ, "DATABASE_URL": dsn, **extra_env}
-    cmd = runlater_cmd("serve", "--port", str(port), "--http-workers", str(http_workers), "--executors", "0")
+    cmd = runlater_cmd("serve", "--port", str(port), "--http-workers", str(http_workers),
+                       "--executors", str(executors))
     log_file = open(log_path, "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, cwd=ROOT)

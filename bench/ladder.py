@@ -59,6 +59,7 @@ from bench.ceiling import (
     free_port,
     parse_duration,
     run_text,
+    start_runlater,
     stop_group,
     stop_runlater,
     with_database,
@@ -344,23 +345,7 @@ def start_mock_target(workers: int, log_path: Path) -> tuple[subprocess.Popen, s
 
 def start_server(dsn: str, http_workers: int, executors: int, env: dict[str, str], log_path: Path) -> Server:
     """``runlater serve`` on a free port, waiting for its ``listening on`` line."""
-    port = free_port()
-    full_env = {**os.environ, "DATABASE_URL": dsn, **env}
-    cmd = runlater_cmd("serve", "--port", str(port), "--http-workers", str(http_workers), "--executors", str(executors))
-    log_file = open(log_path, "w")
-    proc = subprocess.Popen(cmd, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, cwd=ROOT)
-    server = Server(proc, f"http://127.0.0.1:{port}", log_path, log_file)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if "listening on http://" in log_path.read_text(errors="replace"):
-            return server
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-    stop_runlater(server)
-    raise BenchError(f"runlater serve did not report 'listening on' (exit {proc.poll()}): {' | '.join(tail)}")
+    return start_runlater(dsn, free_port(), http_workers, env, log_path, executors=executors)
 
 
 def listening_pids(pids: list[int], port: int) -> set[int]:
