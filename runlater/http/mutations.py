@@ -35,10 +35,10 @@ import os
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo
 
 import orjson
 
+from runlater.core import cron
 from runlater.core.clock import iso_seconds
 from runlater.core.ids import parse_uuid, uuid7
 from runlater.db.queries import Q
@@ -55,11 +55,6 @@ from runlater.http.messages import Request, Response
 from runlater.http.openapi import Answer, operation, path_param, query
 from runlater.workers.ssrf import validate_target_url
 
-try:  # built concurrently; until it lands, cron schedules are refused with a field error
-    from runlater.core import cron
-except ImportError:  # pragma: no cover - depends on the checkout
-    cron = None  # type: ignore[assignment]
-
 if TYPE_CHECKING:
     from runlater.http.api import Api
     from runlater.http.auth import AuthContext
@@ -67,16 +62,9 @@ if TYPE_CHECKING:
 __all__ = ["register"]
 
 # Messages (protocol values; upstream's where upstream has one).
-TIER_INTERVAL = ("Free plan only allows hourly or less frequent schedules. "
-                 "Upgrade to Pro for per-minute scheduling.")
-INVALID_CRON = "is not a valid cron expression"
-INVALID_TIMEZONE = "is not a valid timezone"
 QUEUE_REQUIRED = "queue parameter is required"
 SYNC_BODY_REQUIRED = "Request body must include 'tasks', 'monitors', and/or 'endpoints' array"
 NAME_REQUIRED = "name is required"
-
-# Minimum cron interval in minutes per tier (upstream §5); unlisted tiers have none.
-MIN_INTERVAL = {"free": 60}
 
 BATCH_MAX_ITEMS = 1000
 BATCH_SHARED = ("url", "queue", "method", "headers", "timeout_ms", "retry_attempts", "callback_url")
@@ -164,11 +152,11 @@ def _check_timezone(attrs: dict[str, Any], new: dict[str, Any], errors: dict[str
         errors["timezone"] = [validation.INVALID]
         return
     try:
-        if "\x00" in value or len(value) > validation.MAX_SHORT_TEXT:
-            raise ValueError(value)
-        ZoneInfo(value)
-    except Exception:  # noqa: BLE001 - ZoneInfo raises several types for bad keys
-        errors["timezone"] = [INVALID_TIMEZONE]
+        if len(value) > validation.MAX_SHORT_TEXT:
+            raise cron.CronError(cron.INVALID_TIMEZONE, "timezone")
+        cron.zone(value)
+    except cron.CronError as exc:
+        errors["timezone"] = [exc.message]
         return
     new["timezone"] = value
 
@@ -195,20 +183,15 @@ def _schedule(old: dict[str, Any] | None, new: dict[str, Any], errors: dict[str,
         return
     changed = old is None or any(old[k] != new[k] for k in _SCHEDULE_FIELDS) or (
         new["enabled"] and new["next_run_at"] is None)
-    if cron is None:
-        if changed:
-            errors["cron_expression"] = [validation.CRON_UNSUPPORTED]
-        return
     try:
         schedule = cron.parse(expression, new["timezone"])
         interval = cron.interval_minutes(expression)
     except cron.CronError as exc:
-        field = getattr(exc, "field", "cron_expression")
-        errors[field] = [getattr(exc, "message", INVALID_CRON)]
+        errors[exc.field] = [exc.message]
         return
-    minimum = MIN_INTERVAL.get(tier)
-    if minimum is not None and interval < minimum:
-        errors["cron_expression"] = [TIER_INTERVAL]
+    too_often = cron.min_interval_error(expression, tier)
+    if too_often is not None:
+        errors["cron_expression"] = [too_often]
         return
     new["interval_minutes"] = interval
     if not changed:
@@ -223,7 +206,7 @@ def _schedule(old: dict[str, Any] | None, new: dict[str, Any], errors: dict[str,
         after = pending
     next_run_at = schedule.next_after(after)
     if next_run_at is None:  # no fire time left within the parser's horizon
-        errors["cron_expression"] = [INVALID_CRON]
+        errors["cron_expression"] = [cron.INVALID_EXPRESSION]
         return
     new["next_run_at"] = next_run_at
 

@@ -66,7 +66,6 @@ BODY_TOO_BIG = "must be less than 256KB"
 BAD_STATUS_CODES = "must be comma-separated HTTP status codes (100-599)"
 NOT_FUTURE = "must be in the future"
 # Only for callers written before cron support existed; nothing here returns it now.
-CRON_UNSUPPORTED = "cron tasks are not supported yet"
 BAD_HEADER_NAME = "contains an invalid header name"
 BAD_HEADER_VALUE_TYPE = "header values must be strings, numbers, booleans or null"
 BAD_HEADER_VALUE = "header values must not contain line breaks or null characters"
