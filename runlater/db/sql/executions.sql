@@ -57,15 +57,21 @@ WITH running AS (
            d.headroom, d.scheduled_for
     FROM due d
 ), locked AS (
-    SELECT e.id
-    FROM executions e
-    JOIN candidates c ON c.id = e.id
-    WHERE e.status = 'pending'
-      AND (c.queue IS NULL OR c.queue_rank = 1)
-      AND c.org_rank <= c.headroom
-    ORDER BY c.org_rank, c.scheduled_for
+    -- Candidates in claim order, each locked through its primary key as it is reached;
+    -- the LIMIT stops the loop, so no more than $1 rows are ever locked. (A join of
+    -- candidates to executions let the planner hash-join against a scan of the whole
+    -- table: linear in the table's size on every claim.)
+    SELECT l.id, l.organization_id, l.task_id
+    FROM (SELECT c.id FROM candidates c
+          WHERE (c.queue IS NULL OR c.queue_rank = 1) AND c.org_rank <= c.headroom
+          ORDER BY c.org_rank, c.scheduled_for) c
+    CROSS JOIN LATERAL (
+        SELECT e.id, e.organization_id, e.task_id
+        FROM executions e
+        WHERE e.id = c.id AND e.status = 'pending'
+        FOR UPDATE SKIP LOCKED
+    ) l
     LIMIT $1
-    FOR UPDATE OF e SKIP LOCKED
 ), claimed AS (
     SELECT l.id, t.url, t.method, t.headers, t.body, t.timeout_ms, t.retry_attempts,
            t.schedule_type, t.expected_status_codes, t.expected_body_pattern, t.name,
@@ -73,9 +79,8 @@ WITH running AS (
            t.notify_on_failure, t.notify_on_recovery, t.on_failure_url, t.on_recovery_url,
            o.webhook_secret, o.webhook_secret_previous
     FROM locked l
-    JOIN executions x ON x.id = l.id
-    JOIN organizations o ON o.id = x.organization_id
-    LEFT JOIN tasks t ON t.id = x.task_id
+    JOIN organizations o ON o.id = l.organization_id
+    LEFT JOIN tasks t ON t.id = l.task_id
 )
 UPDATE executions e
 SET status = 'running',
