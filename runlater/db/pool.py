@@ -152,6 +152,23 @@ def _expire(fut: asyncio.Future[Any]) -> None:
         fut.set_exception(TimeoutError())
 
 
+# Settings of every runlater database session (benchmarks use them too, so they time
+# statements the way runlater runs them).
+SESSION_SETTINGS: dict[str, str] = {
+    # Durability is not negotiable: an acknowledged task survives a crash.
+    "synchronous_commit": "on",
+    # Every statement here is short OLTP work. With JIT on, a misestimated plan
+    # (e.g. on a table not yet analyzed) spent seconds compiling the claim:
+    # 6.9 s per claim vs 143 ms with jit=off in bench/drain.py.
+    "jit": "off",
+    # Plan every statement for its actual parameters. A generic plan cached while
+    # a table was small (or for an unknown organisation) stays in use as the table
+    # grows: lists took 374 ms on such a connection vs 3.5 ms freshly planned, and
+    # claims 1-2 s vs 17-46 ms. Planning these statements costs far less.
+    "plan_cache_mode": "force_custom_plan",
+}
+
+
 async def connect_pool(
     dsn: str,
     *,
@@ -169,17 +186,7 @@ async def connect_pool(
         # connection.
         "server_settings": {
             "application_name": application_name,
-            # Durability is not negotiable: an acknowledged task survives a crash.
-            "synchronous_commit": "on",
-            # Every statement here is short OLTP work. With JIT on, a misestimated plan
-            # (e.g. on a table not yet analyzed) spent seconds compiling the claim:
-            # 6.9 s per claim vs 143 ms with jit=off in bench/drain.py.
-            "jit": "off",
-            # Plan every statement for its actual parameters. A generic plan cached while
-            # a table was small (or for an unknown organisation) stays in use as the table
-            # grows: lists took 374 ms on such a connection vs 3.5 ms freshly planned, and
-            # claims 1-2 s vs 17-46 ms. Planning these statements costs far less.
-            "plan_cache_mode": "force_custom_plan",
+            **SESSION_SETTINGS,
             **(server_settings or {}),
         },
     })
