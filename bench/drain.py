@@ -117,7 +117,7 @@ WITH t AS (
     SELECT gen_random_uuid(), t.id, $1, 'pending', t.scheduled_at, 1 FROM t
     RETURNING scheduled_for
 )
-SELECT pg_notify('runlater_executions', extract(epoch FROM min(scheduled_for))::bigint::text) FROM e
+SELECT pg_notify('runlater_executions', extract(epoch FROM min(scheduled_for))::text) FROM e
 """
 
 

@@ -580,6 +580,34 @@ def test_batch_wakes_executors(api, pg_dsn):
     assert payloads
 
 
+def test_wake_up_payload_is_the_exact_due_time(api, pg_dsn, sql):
+    """Executors arm their timer from the NOTIFY payload, so it must be the due time itself,
+    to the microsecond. Rounded to whole seconds, a row due at 12.6 s was announced as 13 s
+    and an idle executor started it up to half a second late."""
+    from runlater.db.queries import Q
+
+    task_id = uuid.UUID(_create(api, delay="1h")["task_id"])
+    org_id = sql("SELECT organization_id FROM tasks WHERE id = $1", task_id)[0][0]
+    due = (_now() + timedelta(seconds=30)).replace(microsecond=654321)
+
+    async def go() -> list[str]:
+        got: list[str] = []
+        arrived = asyncio.Event()
+        listener = await asyncpg.connect(pg_dsn)
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await listener.add_listener("runlater_executions", lambda *a: (got.append(a[3]), arrived.set()))
+            await conn.fetch(Q.add_once_execution, uuid.uuid4(), task_id, org_id, due, None, None)
+            await asyncio.wait_for(arrived.wait(), 5)
+        finally:
+            await conn.close()
+            await listener.close()
+        return got
+
+    payloads = run(go())
+    assert len(payloads) == 1 and abs(float(payloads[0]) - due.timestamp()) < 1e-5, (payloads, due)
+
+
 def test_batch_path_is_not_a_task_id(api):
     """GET (or any other method) on /tasks/batch is /tasks/{id} with a bad UUID: 400."""
     for method, path in (("GET", "/api/v1/tasks/batch"), ("PUT", "/api/v1/tasks/batch"),
@@ -713,7 +741,7 @@ def test_queue_list_ignores_deleted_tasks_and_other_orgs(server, api, other_org)
 def test_resume_wakes_executors(api, pg_dsn):
     api.post("/api/v1/queues/wake/pause")
     payloads = _notifications(pg_dsn, "runlater_executions", lambda: api.post("/api/v1/queues/wake/resume"))
-    assert payloads and abs(int(payloads[0]) - _now().timestamp()) < 10
+    assert payloads and abs(float(payloads[0]) - _now().timestamp()) < 10
 
 
 def test_queue_name_with_nul_is_400(api):

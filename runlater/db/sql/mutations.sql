@@ -73,7 +73,7 @@ WITH created AS (
     VALUES ($1, $2, $3, 'pending', $4, 1, $5, $6)
     RETURNING scheduled_for
 )
-SELECT pg_notify('runlater_executions', extract(epoch FROM scheduled_for)::bigint::text)
+SELECT pg_notify('runlater_executions', extract(epoch FROM scheduled_for)::text)
 FROM created;
 
 -- name: reschedule_pending
@@ -95,7 +95,7 @@ WITH changed AS (
     WHERE e.task_id = $1 AND e.organization_id = $2 AND e.status = 'pending'
     RETURNING e.scheduled_for
 )
-SELECT pg_notify('runlater_executions', extract(epoch FROM min(scheduled_for))::bigint::text)
+SELECT pg_notify('runlater_executions', extract(epoch FROM min(scheduled_for))::text)
 FROM changed
 HAVING count(*) > 0;
 
@@ -152,7 +152,7 @@ WITH resumed AS (
     UPDATE queues SET paused = false, updated_at = now()
     WHERE organization_id = $1 AND name = $2 AND paused
 )
-SELECT pg_notify('runlater_executions', extract(epoch FROM now())::bigint::text);
+SELECT pg_notify('runlater_executions', extract(epoch FROM now())::text);
 
 -- name: soft_delete_tasks
 -- PUT /sync with delete_removed: soft-delete the given live tasks of the organisation

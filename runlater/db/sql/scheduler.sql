@@ -120,6 +120,6 @@ SELECT (SELECT count(*) FROM advanced) AS advanced,
        count(*) FILTER (WHERE status = 'missed') AS missed,
        CASE WHEN count(*) FILTER (WHERE status = 'pending') > 0
             THEN pg_notify('runlater_executions',
-                           extract(epoch FROM min(scheduled_for) FILTER (WHERE status = 'pending'))::bigint::text)
+                           extract(epoch FROM min(scheduled_for) FILTER (WHERE status = 'pending'))::text)
        END AS notified
 FROM created;
