@@ -128,8 +128,6 @@ class Api:
         self.auth = auth
         self.batcher = batcher
         self.guard = guard or Guard()
-        self._health_at = 0.0
-        self._health_last: Response | None = None
         self._health_check: asyncio.Future[Response] | None = None
         self.idempotency = idempotency or Idempotency()
         self.router = Router()
@@ -243,16 +241,14 @@ class Api:
     def health(self, req: Request) -> Any:
         """GET /health: does the database answer this process right now?
 
-        Concurrent checks share one ``SELECT 1`` and its answer is reused for 250 ms, so
-        a load balancer polling hard costs next to nothing; a busy pool means
-        "connected, busy", which is healthy. A silent database is caught by the pool's
-        query watchdog and reported as disconnected.
+        Concurrent checks share one ``SELECT 1`` (a load balancer polling hard costs one
+        query per round trip, not one per request), and no answer outlives its check: a
+        cached "ok" would keep reporting a database that went away a moment ago. A busy
+        pool means "connected, busy", which is healthy. A silent database is caught by the
+        pool's query watchdog and reported as disconnected.
         """
         if self.db.down:
             return HEALTH_DOWN
-        now = time.monotonic()
-        if now - self._health_at < 0.25 and self._health_last is not None:
-            return self._health_last
         if self._health_check is None or self._health_check.done():
             self._health_check = asyncio.ensure_future(self._check_health())
         return asyncio.shield(self._health_check)
@@ -260,15 +256,12 @@ class Api:
     async def _check_health(self) -> Response:
         try:
             await self.db.fetchval("SELECT 1")
-            answer = HEALTH_OK
+            return HEALTH_OK
         except Overloaded:
             # Busy is healthy; busy because nothing comes back is not.
-            answer = HEALTH_DOWN if self.db.stalled(1.0) else HEALTH_OK
+            return HEALTH_DOWN if self.db.stalled(1.0) else HEALTH_OK
         except Exception:  # noqa: BLE001
-            answer = HEALTH_DOWN
-        self._health_at = time.monotonic()
-        self._health_last = answer
-        return answer
+            return HEALTH_DOWN
 
     @operation(
         summary="Create a task",
