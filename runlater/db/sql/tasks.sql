@@ -1,40 +1,16 @@
 -- name: create_once_batch
 -- Insert one-time tasks and their first pending executions, one row pair per element
 -- of the arrays, in a single statement (one round trip, one commit, one WAL flush for
--- the whole batch). The input CTE is materialised once and feeds both inserts.
--- pg_notify is delivered at commit, so executors only wake for committed rows; its
--- payload is the earliest due time (epoch seconds, to the microsecond) so they can arm
--- a timer instead of polling. It must not be rounded: a row due at 12.6 s announced as
--- 13 s made an idle executor wait until 13 s (up to half a second late).
-WITH input AS (
-    SELECT *
-    FROM unnest(
-        $1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
-        $7::text[], $8::text[], $9::timestamptz[], $10::int[], $11::int[],
-        $12::text[], $13::text[], $14::text[], $15::text[], $16::bool[], $17::bool[],
-        $18::text[], $19::text[]
-    ) AS u(task_id, execution_id, organization_id, name, url, method,
-           headers, body, scheduled_at, timeout_ms, retry_attempts,
-           callback_url, expected_status_codes, expected_body_pattern, queue,
-           notify_on_failure, notify_on_recovery, on_failure_url, on_recovery_url)
-), new_tasks AS (
-    INSERT INTO tasks (id, organization_id, name, url, method, headers, body, schedule_type,
-                       scheduled_at, enabled, timeout_ms, retry_attempts, callback_url,
-                       expected_status_codes, expected_body_pattern, queue,
-                       notify_on_failure, notify_on_recovery, on_failure_url, on_recovery_url)
-    SELECT task_id, organization_id, name, url, method, headers::jsonb, body, 'once',
-           scheduled_at, true, timeout_ms, retry_attempts, callback_url,
-           expected_status_codes, expected_body_pattern, queue,
-           notify_on_failure, notify_on_recovery, on_failure_url, on_recovery_url
-    FROM input
-), new_executions AS (
-    INSERT INTO executions (id, task_id, organization_id, status, scheduled_for, attempt,
-                            callback_url, queue)
-    SELECT execution_id, task_id, organization_id, 'pending', scheduled_at, 1, callback_url, queue
-    FROM input
-)
-SELECT pg_notify('runlater_executions', extract(epoch FROM min(scheduled_at))::text)
-FROM input;
+-- the whole batch). The work is in rl_create_once_batch (migration 0005), so its plan is
+-- made once per connection instead of for every batch. pg_notify is delivered at commit,
+-- so executors only wake for committed rows; its payload is the earliest due time (epoch
+-- seconds, to the microsecond) so they can arm a timer instead of polling. It must not be
+-- rounded: a row due at 12.6 s announced as 13 s made an idle executor wait until 13 s.
+SELECT rl_create_once_batch(
+    $1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+    $7::text[], $8::text[], $9::timestamptz[], $10::int[], $11::int[],
+    $12::text[], $13::text[], $14::text[], $15::text[], $16::bool[], $17::bool[],
+    $18::text[], $19::text[]);
 
 -- name: list_tasks
 -- One page of an organisation's live tasks, rendered to JSON by PostgreSQL. Fetches
