@@ -351,6 +351,30 @@ class TestMonthlyLimits:
         assert sql(dsn, "SELECT count(*) FROM executions WHERE task_id = ANY($1)", tasks)[0][0] == 2
         assert cursors(dsn, tasks) == {T + timedelta(hours=1)}
 
+    def test_created_runs_count_toward_the_month_at_once(self, dsn):
+        """Scheduled runs are added to execution_usage (the API's quota figure) when they are
+        created, not only once executors finish them; missed slots are not counted."""
+        org = make_org(dsn, tier="free")
+        add_tasks(dsn, org.id, 3, "0 * * * *")
+        add_task(dsn, org.id, "0 * * * *", next_run_at=T - timedelta(hours=2))  # two slots missed
+
+        def counts() -> tuple[dict[str, int], list[tuple[Any, int]]]:
+            statuses = dict(sql(dsn, "SELECT status, count(*) FROM executions WHERE organization_id = $1 GROUP BY 1",
+                                org.id))
+            usage = [tuple(r) for r in sql(dsn, "SELECT month, created FROM execution_usage "
+                                                "WHERE organization_id = $1 ORDER BY month", org.id)]
+            return statuses, usage
+
+        tick(dsn, T - timedelta(seconds=1))
+        statuses, usage = counts()
+        assert statuses.get("missed", 0) >= 1 and statuses["pending"] >= 3, statuses
+        assert usage == [(T.date().replace(day=1), statuses["pending"])]
+        first = statuses["pending"]
+        tick(dsn, T + timedelta(hours=1) - timedelta(seconds=1))
+        statuses, usage = counts()
+        assert statuses["pending"] > first
+        assert usage == [(T.date().replace(day=1), statuses["pending"])]
+
     def test_pro_limit_and_unlimited(self, dsn):
         pro = make_org(dsn, tier="pro")
         set_count(dsn, pro.id, 1_000_000)

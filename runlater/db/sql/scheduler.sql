@@ -114,6 +114,17 @@ WITH schedule AS (
     FROM unnest($9::uuid[], $10::uuid[], $11::timestamptz[]) AS m(id, task_id, scheduled_for)
     JOIN advanced a ON a.id = m.task_id
     RETURNING status, scheduled_for
+), counted AS (
+    -- Runs created here count toward the organization's month at once, like API creates
+    -- (execution_usage, migration 0003): the quota then sees cron runs when they are
+    -- scheduled, not only once they have finished. Missed slots never ran and do not count.
+    INSERT INTO execution_usage AS u (organization_id, month, created)
+    SELECT a.organization_id, date_trunc('month', $12::timestamptz AT TIME ZONE 'UTC')::date, count(*)
+    FROM advanced a
+    WHERE a.run_id IS NOT NULL
+    GROUP BY a.organization_id
+    ON CONFLICT (organization_id, month)
+    DO UPDATE SET created = u.created + excluded.created, updated_at = now()
 )
 SELECT (SELECT count(*) FROM advanced) AS advanced,
        count(*) FILTER (WHERE status = 'pending') AS pending,
