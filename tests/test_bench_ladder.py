@@ -135,6 +135,17 @@ def test_usage_errors_exit_2_with_one_line(argv, message):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_installed_script_finds_the_bench_tools_from_anywhere(tmp_path):
+    """The ``runlater`` console script does not run with the checkout on sys.path (``python -m``
+    from the checkout does); ``runlater bench ladder`` must still reach the ladder."""
+    script = Path(sys.executable).parent / "runlater"
+    assert script.is_file(), script
+    proc = subprocess.run([str(script), "bench", "ladder", "--rates", "abc", "--out", "x"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "comma-separated whole numbers" in proc.stderr
+
+
 def test_missing_k6_is_a_failure_with_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(ladder, "find_tool", lambda name: None)
     assert ladder.main(["--rates", "10", "--duration", "1s", "--out", str(tmp_path)]) == 1

@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 from runlater import __version__
 from runlater.core import logs
@@ -182,12 +183,27 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def _import_ladder() -> Any:
+    """``bench.ladder`` from the source checkout runlater runs from.
+
+    The benchmarks live next to the package (``bench/``), not inside it: an installed
+    ``runlater`` script does not have the checkout on ``sys.path`` (``python -m runlater``
+    from the checkout does), so the checkout holding this package is added when it has them.
+    """
     try:
         from bench import ladder
-    except ImportError as exc:
-        raise CliError("the bench tools are not installed (run from a source checkout)") from exc
-    return ladder.main(args)
+    except ImportError:
+        root = Path(__file__).resolve().parents[2]
+        if not (root / "bench" / "ladder.py").is_file():
+            raise CliError("the bench tools are not installed (run from a source checkout)") from None
+        sys.path.insert(0, str(root))
+        sys.modules.pop("bench", None)
+        from bench import ladder
+    return ladder
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return _import_ladder().main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
