@@ -821,6 +821,45 @@ def test_claim_stays_fast_on_a_long_lived_connection(pg_dsn):
 
 
 
+def test_claim_locks_each_row_through_the_primary_key_alone(pg_dsn):
+    """The claim's row lookup must not be able to use a partial index: with the status test
+    inside it, a planner holding statistics from a nearly empty table scanned the pending
+    index for every candidate (hundreds of ms per claim under load). Checked on the plan, for
+    whatever statistics the table has: under LockRows, a primary-key scan with no filter."""
+    from runlater.db.queries import Q
+
+    database = FreshDatabase(pg_dsn)
+    db = Db(database.dsn)
+    try:
+        org = make_org(database.dsn)
+        # Enough rows that a sequential scan is not the cheapest lookup by id.
+        insert_tasks(db, org.id, "http://192.0.2.1/", 3000, notify=False)
+
+        async def plan() -> dict:
+            conn = await asyncpg.connect(database.dsn)
+            try:
+                await conn.execute("ANALYZE executions")
+                return json.loads(await conn.fetchval("EXPLAIN (FORMAT JSON) " + Q.claim_due, 500, 2.0))[0]["Plan"]
+            finally:
+                await conn.close()
+
+        def lock_children(node: dict) -> list[dict]:
+            found = [child for child in node.get("Plans", []) if node["Node Type"] == "LockRows"]
+            for child in node.get("Plans", []):
+                found += lock_children(child)
+            return found
+
+        scans = lock_children(asyncio.run(plan()))
+        assert scans, "no LockRows in the claim's plan"
+        for scan in scans:
+            assert scan.get("Relation Name") == "executions", scan
+            assert scan.get("Index Name") == "executions_pkey", scan
+            assert "Filter" not in scan, scan
+    finally:
+        db.close()
+        database.drop()
+
+
 def test_due_executions_start_on_time(engine, db, route):
     """An idle executor wakes for the next due time itself; it does not wait for its safety tick."""
     org = engine.org()

@@ -61,16 +61,26 @@ WITH running AS (
     -- the LIMIT stops the loop, so no more than $1 rows are ever locked. (A join of
     -- candidates to executions let the planner hash-join against a scan of the whole
     -- table: linear in the table's size on every claim.)
+    -- The lookup is by id alone and the status is checked on the locked row, outside:
+    -- with `status = 'pending'` inside, a planner holding stale statistics (a table
+    -- analyzed while nearly empty) chose executions_pending_idx and filtered it by id,
+    -- a scan of every pending row for each candidate (230-410 ms per claim under load).
+    -- LIMIT 1 (ids are unique) keeps the planner from pushing the status test back
+    -- into the lookup. The locked row is the latest version (READ COMMITTED re-reads a
+    -- row updated meanwhile), so its status is current; a row that stopped being
+    -- pending is locked until the claim commits but not taken.
     SELECT l.id, l.organization_id, l.task_id
     FROM (SELECT c.id FROM candidates c
           WHERE (c.queue IS NULL OR c.queue_rank = 1) AND c.org_rank <= c.headroom
           ORDER BY c.org_rank, c.scheduled_for) c
     CROSS JOIN LATERAL (
-        SELECT e.id, e.organization_id, e.task_id
+        SELECT e.id, e.organization_id, e.task_id, e.status
         FROM executions e
-        WHERE e.id = c.id AND e.status = 'pending'
+        WHERE e.id = c.id
+        LIMIT 1
         FOR UPDATE SKIP LOCKED
     ) l
+    WHERE l.status = 'pending'
     LIMIT $1
 ), claimed AS (
     SELECT l.id, t.url, t.method, t.headers, t.body, t.timeout_ms, t.retry_attempts,
