@@ -184,7 +184,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[DrainResult, list[tupl
     admin = args.database_url or os.environ.get("DATABASE_URL")
     dbname = f"runlater_drain_{os.getpid()}"
     env_rows: list[tuple[str, str]] = []
-    with postgres_server(admin) as (admin_dsn, pg):
+    with postgres_server(admin, keep_log=workdir / "postgresql.log") as (admin_dsn, pg):
         dsn = server = mock = None
         try:
             dsn = fresh_database(admin_dsn, dbname)

@@ -163,12 +163,18 @@ class PrivatePostgres:
         pm = self.postmaster_pid
         return [] if pm is None else [pm, *children_of(pm)]
 
-    def stop(self) -> None:
+    def stop(self, keep_log: Path | None = None) -> None:
+        """Stop the cluster and remove it; ``keep_log``: copy its server log there first."""
         if self.dir is None:
             return
         if self.postmaster_pid is not None:
             self._run(str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "-t", "30", "stop",
                       timeout=60)
+        if keep_log is not None:
+            try:
+                shutil.copyfile(self.dir / "server.log", keep_log)
+            except OSError as exc:
+                log(f"could not keep the PostgreSQL log: {exc}")
         pm = self.postmaster_pid
         if pm is not None:  # pg_ctl could not stop it: do not leave a server behind
             try:
@@ -180,8 +186,10 @@ class PrivatePostgres:
 
 
 @contextmanager
-def postgres_server(admin_dsn: str | None, settings: dict[str, str] | None = None) -> Iterator[tuple[str, PrivatePostgres | None]]:
-    """(admin DSN, the private cluster or None): ``admin_dsn`` when given, else a private cluster."""
+def postgres_server(admin_dsn: str | None, settings: dict[str, str] | None = None,
+                    keep_log: Path | None = None) -> Iterator[tuple[str, PrivatePostgres | None]]:
+    """(admin DSN, the private cluster or None): ``admin_dsn`` when given, else a private cluster,
+    whose server log is copied to ``keep_log`` (when given) before the cluster is removed."""
     if admin_dsn:
         yield admin_dsn, None
         return
@@ -191,7 +199,7 @@ def postgres_server(admin_dsn: str | None, settings: dict[str, str] | None = Non
         dsn = pg.start()
         yield dsn, pg
     finally:
-        pg.stop()
+        pg.stop(keep_log)
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,7 +546,7 @@ def owned_setup(args: argparse.Namespace, workdir: Path) -> Iterator[Setup]:
     admin = _opt(args, "database_url", None) or os.environ.get("DATABASE_URL")
     mock = server = None
     dbname = f"{LADDER_DB}_{os.getpid()}"
-    with postgres_server(admin) as (admin_dsn, pg):
+    with postgres_server(admin, keep_log=workdir / "postgresql.log") as (admin_dsn, pg):
         dsn = None
         try:
             dsn = fresh_database(admin_dsn, dbname)
