@@ -36,6 +36,42 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+class FreshDatabase:
+    """A new, migrated database on the test PostgreSQL server, dropped by ``drop()``: for tests
+    that need tables as a new installation has them (empty, never analyzed)."""
+
+    def __init__(self, base_dsn: str) -> None:
+        from runlater.db import migrate
+
+        self.base_dsn = base_dsn
+        self.name = f"runlater_fresh_{uuid.uuid4().hex[:12]}"
+        self.dsn = _with_database(base_dsn, self.name)
+
+        async def create() -> None:
+            conn = await asyncpg.connect(base_dsn)
+            try:
+                await conn.execute(f'CREATE DATABASE "{self.name}"')
+            finally:
+                await conn.close()
+            conn = await asyncpg.connect(self.dsn)
+            try:
+                await migrate.apply(conn)
+            finally:
+                await conn.close()
+
+        run(create())
+
+    def drop(self) -> None:
+        async def drop() -> None:
+            conn = await asyncpg.connect(self.base_dsn)
+            try:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            finally:
+                await conn.close()
+
+        run(drop())
+
+
 def _with_database(dsn: str, name: str) -> str:
     parts = urlsplit(dsn)
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))

@@ -27,15 +27,13 @@ import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from conftest import ServerProcess, make_org, wait_until
+from conftest import FreshDatabase, ServerProcess, make_org, wait_until
 from mocktarget_fixture import ThreadedTarget
 
 from runlater import __version__
-from runlater.db import migrate
 from runlater.workers.signing import verify_webhook
 
 LEASE_MARGIN = "2"  # seconds a claim outlives its request timeout
@@ -74,44 +72,6 @@ class Db:
             self._runner.run(self._conn.close())
         finally:
             self._runner.close()
-
-
-def _with_database(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-
-
-class FreshDatabase:
-    """A new, migrated database on the test PostgreSQL server, dropped on close."""
-
-    def __init__(self, base_dsn: str) -> None:
-        self.base_dsn = base_dsn
-        self.name = f"runlater_exec_{uuid.uuid4().hex[:12]}"
-        self.dsn = _with_database(base_dsn, self.name)
-
-        async def create() -> None:
-            conn = await asyncpg.connect(base_dsn)
-            try:
-                await conn.execute(f'CREATE DATABASE "{self.name}"')
-            finally:
-                await conn.close()
-            conn = await asyncpg.connect(self.dsn)
-            try:
-                await migrate.apply(conn)
-            finally:
-                await conn.close()
-
-        asyncio.run(create())
-
-    def drop(self) -> None:
-        async def drop() -> None:
-            conn = await asyncpg.connect(self.base_dsn)
-            try:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-            finally:
-                await conn.close()
-
-        asyncio.run(drop())
 
 
 class Engine:

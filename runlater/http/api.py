@@ -325,7 +325,10 @@ class Api:
     )
     async def list_tasks(self, req: Request, ctx: AuthContext) -> Response:
         limit, offset, queue, queue_given = validation.parse_list_params(req.query)
-        row = await self.db.fetchrow(Q.list_tasks, ctx.organization_id, limit, queue or "", queue_given, offset)
+        if queue_given:
+            row = await self.db.fetchrow(Q.list_tasks, ctx.organization_id, limit, queue or "", True, offset)
+        else:
+            row = await self.db.fetchrow(Q.list_all_tasks, ctx.organization_id, limit, offset)
         body = b"".join((
             b'{"data":', row["data"].encode(),
             b',"has_more":', b"true" if row["has_more"] else b"false",

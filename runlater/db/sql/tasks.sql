@@ -38,6 +38,11 @@ FROM (
     ) s
 ) page;
 
+-- name: list_all_tasks
+-- list_tasks without a queue filter, through rl_list_tasks (migration 0006): the same
+-- page, planned once per connection.
+SELECT has_more, data FROM rl_list_tasks($1::uuid, $2::int, $3::bigint);
+
 -- name: get_task
 -- A live task of the organisation as API JSON, or no row.
 SELECT rl_task_json(t)::text FROM tasks t
