@@ -140,6 +140,20 @@ class DrainResult:
     notes: list[str] = field(default_factory=list)
     statements: list = field(default_factory=list)  # top pg_stat_statements of the whole run
     server_log_problems: list[str] = field(default_factory=list)
+    windows: list[dict] = field(default_factory=list)  # steady mode: lateness per 5 s of schedule
+
+
+# Steady mode: lateness by when the rows fell due, in 5 s windows from the first (a stall
+# shows as one bad window).
+WINDOW_LATENESS = """
+    SELECT floor(extract(epoch FROM scheduled_for - first.t) / 5)::int * 5 AS from_s,
+           count(*) AS n,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
+           percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99,
+           max(ms) AS max
+    FROM (SELECT scheduled_for, extract(epoch FROM started_at - scheduled_for) * 1000 AS ms FROM executions) e,
+         (SELECT min(scheduled_for) AS t FROM executions) first
+    GROUP BY 1 ORDER BY 1"""
 
 
 def _org(dsn: str) -> object:
@@ -240,6 +254,8 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[DrainResult, list[tupl
                        percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99, max(ms) AS max
                 FROM (SELECT extract(epoch FROM started_at - scheduled_for) * 1000 AS ms FROM executions) s""")[0]
             result.lateness = {k: (None if late[k] is None else float(late[k])) for k in ("p50", "p99", "max")}
+            if steady:
+                result.windows = [dict(r) for r in sql_fetch(dsn, WINDOW_LATENESS)]
             if statements is None:
                 result.statements = top_statements(dsn, 6)
             else:
@@ -330,6 +346,11 @@ def report(args: argparse.Namespace, r: DrainResult, env: list[tuple[str, str]])
         lines.append("Lateness in backlog mode is the time each row waited in the backlog (all were due at the start), "
                      "not schedule precision.")
     lines += [f"- {n}" for n in r.notes]
+    if r.windows:
+        lines += ["", "Lateness by when the rows fell due (5 s windows from the first):", "",
+                  "| due at s | executions | p50 | p99 | max |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {w['from_s']}–{w['from_s'] + 5} | {w['n']:,} | {ms(w['p50'])} | {ms(w['p99'])} | {ms(w['max'])} |"
+                  for w in r.windows]
     if r.statements:
         from bench.report import queries_table
 
