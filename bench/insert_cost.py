@@ -22,7 +22,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from bench.ceiling import BenchError
+from bench.ceiling import BenchError, cpu_seconds
 from bench.ladder import drop_database, fresh_database, migrate_and_key, postgres_server, sql_value
 
 WARMUP_S = 1.0
@@ -32,10 +32,8 @@ def log(msg: str) -> None:
     print(f"[insert_cost {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _backend_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _backends_cpu(pids: list[int]) -> float:
+    return sum(cpu_seconds(pid) or 0.0 for pid in pids)
 
 
 def _columns(org: uuid.UUID, n: int, now: datetime) -> tuple[list, ...]:
@@ -71,9 +69,9 @@ async def measure(dsn: str, org: uuid.UUID, batch: int, connections: int, second
     loops = [asyncio.create_task(insert_loop()) for _ in range(connections)]
     try:
         await asyncio.sleep(WARMUP_S)
-        cpu0, rows0, t0 = sum(map(_backend_cpu, pids)), rows[0], time.perf_counter()
+        cpu0, rows0, t0 = _backends_cpu(pids), rows[0], time.perf_counter()
         await asyncio.sleep(seconds)
-        cpu1, rows1, t1 = sum(map(_backend_cpu, pids)), rows[0], time.perf_counter()
+        cpu1, rows1, t1 = _backends_cpu(pids), rows[0], time.perf_counter()
     finally:
         stop.set()
         await asyncio.gather(*loops)

@@ -37,23 +37,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from bench.ceiling import with_database
 from runlater.core.ids import uuid7
 from runlater.db import migrate
 from runlater.workers.scheduler import Scheduler
 
 DB_NAME = "runlater_sched_bench"
-
-
-def _with_database(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
 
 async def _setup(admin_dsn: str, tasks: int, first_slot: datetime) -> str:
@@ -63,7 +57,7 @@ async def _setup(admin_dsn: str, tasks: int, first_slot: datetime) -> str:
         await conn.execute(f'CREATE DATABASE "{DB_NAME}"')
     finally:
         await conn.close()
-    dsn = _with_database(admin_dsn, DB_NAME)
+    dsn = with_database(admin_dsn, DB_NAME)
     conn = await asyncpg.connect(dsn)
     try:
         await migrate.apply(conn)

@@ -321,13 +321,28 @@ def api(server, org) -> Client:
     client.close()
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll a cheap predicate until it is truthy (for state owned by another process)."""
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
+    """Poll a cheap predicate until it is truthy (for state owned by another process);
+    its last value is returned."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met within %.1fs" % timeout)
+            raise AssertionError("%s: not met within %.1fs" % (what, timeout))
         time.sleep(interval)
+
+
+def missing_acks(sql, acks: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Acknowledged (task_id, execution_id) pairs without their task or pending first execution."""
+    if not acks:
+        return []
+    rows = sql(
+        """SELECT t.id AS task_id, e.id AS execution_id
+             FROM tasks t JOIN executions e ON e.task_id = t.id
+            WHERE t.id = ANY($1::uuid[]) AND e.attempt = 1 AND e.status = 'pending'""",
+        [uuid.UUID(t) for t, _ in acks],
+    )
+    present = {(str(r["task_id"]), str(r["execution_id"])) for r in rows}
+    return [a for a in acks if a not in present]

@@ -14,12 +14,11 @@ import http.client
 import json
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, make_org
+from conftest import ServerProcess, make_org, missing_acks, wait_until
 from pgproxy import PgProxy
 
 pytestmark = pytest.mark.slow
@@ -66,31 +65,6 @@ def call(port: int, method: str, path: str, *, key: str | None = None, body: Any
     except ValueError:
         doc = payload
     return Answer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, doc, elapsed)
-
-
-def wait_for(predicate, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f}s")
-        time.sleep(0.05)
-
-
-def acknowledged_rows_missing(sql, acks: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The (task_id, execution_id) pairs answered 202 that lack their task or first execution."""
-    if not acks:
-        return []
-    rows = sql(
-        """SELECT t.id AS task_id, e.id AS execution_id
-             FROM tasks t JOIN executions e ON e.task_id = t.id
-            WHERE t.id = ANY($1::uuid[]) AND e.attempt = 1 AND e.status = 'pending'""",
-        [uuid.UUID(t) for t, _ in acks],
-    )
-    present = {(str(r["task_id"]), str(r["execution_id"])) for r in rows}
-    return [pair for pair in acks if pair not in present]
 
 
 TASK = {"url": "https://example.com/fault", "method": "POST", "body": "{}"}
@@ -160,7 +134,7 @@ def test_outage_answers_503_fast_and_recovers_by_itself(proxy, proxied, pg_dsn, 
         assert answer.status in (202, 503) and answer.elapsed < FAST, answer
         return answer if answer.status == 202 else None
 
-    again = wait_for(created, 20, "create answering 202 after the database came back")
+    again = wait_until(created, 20, what="create answering 202 after the database came back")
     # Every worker has recovered once a run of fresh connections all succeed.
     streak = [0]
 
@@ -170,12 +144,12 @@ def test_outage_answers_503_fast_and_recovers_by_itself(proxy, proxied, pg_dsn, 
         streak[0] = streak[0] + 1 if answer.status == 200 else 0
         return streak[0] >= 20
 
-    wait_for(all_healthy, 20, "every worker healthy again")
+    wait_until(all_healthy, 20, what="every worker healthy again")
     for what in ("create", "list", "show"):
         answer = needs_db[what]()
         assert answer.status in (200, 202), (what, answer)
     data = again.doc["data"]
-    assert acknowledged_rows_missing(sql, [(data["task_id"], data["execution_id"])]) == []
+    assert missing_acks(sql, [(data["task_id"], data["execution_id"])]) == []
 
 
 @dataclass
@@ -275,7 +249,7 @@ def test_no_acknowledgement_is_lost_when_the_database_is_cut_mid_batch(proxy, pr
     assert burst.failures == [], burst.failures[:5]  # the HTTP side never broke
     assert set(burst.statuses) <= {202, 503}, burst.statuses
     assert burst.slowest < 5.0, burst.slowest
-    missing = acknowledged_rows_missing(sql, burst.acks)
+    missing = missing_acks(sql, burst.acks)
     assert missing == [], f"{len(missing)} of {len(burst.acks)} acknowledged tasks are not in the database"
     count = sql("SELECT count(*) AS n FROM tasks WHERE organization_id = $1", org.id)[0]["n"]
     assert count >= len(burst.acks)

@@ -14,12 +14,11 @@ import os
 import signal
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, make_org
+from conftest import ServerProcess, make_org, missing_acks, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -96,17 +95,6 @@ def serving_workers(master: int, port: int) -> set[int]:
     return {pid for pid in children(master) if _holds_socket(pid, inodes)}
 
 
-def poll(predicate, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f}s")
-        time.sleep(0.02)
-
-
 def runlater_processes(port: int) -> set[int]:
     """Every live process whose command line is ``… runlater serve --port <port> …``."""
     found = set()
@@ -148,20 +136,6 @@ def fresh_request(port: int, key: str | None, create: bool, timeout: float = 10,
     finally:
         conn.close()
     return resp.status, json.loads(payload) if payload else None
-
-
-def missing_acks(sql, acks: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Acknowledged (task_id, execution_id) pairs without their task or pending first execution."""
-    if not acks:
-        return []
-    rows = sql(
-        """SELECT t.id AS task_id, e.id AS execution_id
-             FROM tasks t JOIN executions e ON e.task_id = t.id
-            WHERE t.id = ANY($1::uuid[]) AND e.attempt = 1 AND e.status = 'pending'""",
-        [uuid.UUID(t) for t, _ in acks],
-    )
-    present = {(str(r["task_id"]), str(r["execution_id"])) for r in rows}
-    return [a for a in acks if a not in present]
 
 
 @dataclass
@@ -264,8 +238,8 @@ def start_server(pg_dsn):
         srv = ServerProcess(pg_dsn, http_workers=http_workers, executors=0)
         started.append(srv)
         srv.wait_ready()
-        poll(lambda: len(serving_workers(srv.proc.pid, srv.port)) == http_workers, 10,
-             f"{http_workers} workers listening")
+        wait_until(lambda: len(serving_workers(srv.proc.pid, srv.port)) == http_workers, 10,
+                   what=f"{http_workers} workers listening")
         return srv
 
     yield start
@@ -295,7 +269,7 @@ def test_a_killed_worker_is_replaced_and_service_continues(start_server, pg_dsn)
         victim = min(before)
         survivor = max(before)
         os.kill(victim, signal.SIGKILL)
-        poll(lambda: not alive(victim), 5, "victim gone")
+        wait_until(lambda: not alive(victim), 5, what="victim gone")
 
         # The kill instant: a request on a connection the victim held fails; one retry on a
         # new connection must succeed. Nothing else may fail.
@@ -321,7 +295,7 @@ def test_a_killed_worker_is_replaced_and_service_continues(start_server, pg_dsn)
         now = serving_workers(master, port)
         return now if len(now) == 2 and victim not in now and survivor in now else set()
 
-    after = poll(replaced, 15, "a new worker replacing the killed one")
+    after = wait_until(replaced, 15, what="a new worker replacing the killed one")
     (newcomer,) = after - before
     assert children(master) == after and srv.proc.poll() is None
     for i in range(60):
@@ -425,7 +399,7 @@ def test_sighup_replaces_every_worker_without_refusing_a_connection(start_server
                 done = len(now) == 2 and not now & old and not any(alive(p) for p in old)
                 return now if done else set()
 
-            new = poll(renewed, 30, f"reload {reload}: every worker replaced")
+            new = wait_until(renewed, 30, what=f"reload {reload}: every worker replaced")
             assert children(master) == new
             assert all_progress(clients, 50, 20), "clients stalled after the reload"
     finally:
@@ -466,7 +440,7 @@ def test_acknowledged_creates_survive_a_worker_killed_mid_burst(start_server, pg
         now = serving_workers(master, port)
         return len(now) == 2 and victim not in now
 
-    poll(replaced, 15, "replacement worker")
+    wait_until(replaced, 15, what="replacement worker")
 
 
 def test_sigterm_stops_gracefully_keeping_every_acknowledged_create(start_server, pg_dsn, sql):
@@ -491,5 +465,5 @@ def test_sigterm_stops_gracefully_keeping_every_acknowledged_create(start_server
     assert set(burst.statuses) <= {202, 503}, burst.statuses
     missing = missing_acks(sql, burst.acks)
     assert missing == [], f"{len(missing)} of {len(burst.acks)} acknowledged tasks are missing: {missing[:3]}"
-    poll(lambda: not any(alive(p) for p in family), 5, "every server process gone")
+    wait_until(lambda: not any(alive(p) for p in family), 5, what="every server process gone")
     assert runlater_processes(port) == set()

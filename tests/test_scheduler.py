@@ -18,13 +18,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
 import pytest
 
-from conftest import ROOT, ServerProcess, make_org, run, wait_until
+from conftest import ROOT, FreshDatabase, ServerProcess, make_org, run, wait_until
 from runlater.db.pool import Database, connect_pool
 from runlater.db.queries import Q
 from runlater.http.auth import AuthContext
@@ -44,35 +43,9 @@ MISSED_TEXT = "Scheduler was unavailable at scheduled time"
 
 @pytest.fixture(scope="module")
 def sched_dsn(pg_dsn):
-    name = f"runlater_sched_{os.getpid()}"
-    parts = urlsplit(pg_dsn)
-    dsn = urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-
-    async def create() -> None:
-        conn = await asyncpg.connect(pg_dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-        from runlater.db import migrate
-
-        conn = await asyncpg.connect(dsn)
-        try:
-            await migrate.apply(conn)
-        finally:
-            await conn.close()
-
-    async def drop() -> None:
-        conn = await asyncpg.connect(pg_dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-
-    run(create())
-    yield dsn
-    run(drop())
+    database = FreshDatabase(pg_dsn)
+    yield database.dsn
+    database.drop()
 
 
 @pytest.fixture

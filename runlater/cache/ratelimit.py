@@ -390,7 +390,8 @@ class RateCounters(_SharedCounters):
     def hit(self, e: list, limit: int, now: float) -> float | None:
         """Count one request of ``e``'s identity; None if admitted, else seconds to wait.
 
-        Written flat (no helper calls on the common paths) because it runs before every request.
+        Runs before every request: the common case (a leased request) returns after two
+        comparisons; the shared-memory reads below happen once per lease.
         """
         if e[5]:
             if now < e[6]:
@@ -407,17 +408,7 @@ class RateCounters(_SharedCounters):
         cells = readers[mv[_HW_WORD]](buf, at)
         if cells[0] != tag:
             return self._moved(e, limit, now)
-        cur = prev = 0
-        it = iter(cells)
-        next(it)
-        for c in it:
-            p = next(it)
-            w = c >> 32
-            if w == t:
-                cur += c & _COUNT
-                prev += p
-            elif w == before:
-                prev += c & _COUNT
+        cur, prev = _totals(cells, t)
         est = cur + prev * weight
         if est + 1 > limit:
             return self._wait(cur, prev, weight, limit)
@@ -431,17 +422,7 @@ class RateCounters(_SharedCounters):
                 mv[own + 1] = old & _COUNT if old >> 32 == before else 0
                 mv[own] = t << 32 | k
             cells = readers[mv[_HW_WORD]](buf, at)
-            cur = prev = 0
-            it = iter(cells)
-            next(it)
-            for c in it:
-                p = next(it)
-                w = c >> 32
-                if w == t:
-                    cur += c & _COUNT
-                    prev += p
-                elif w == before:
-                    prev += c & _COUNT
+            cur, prev = _totals(cells, t)
             if cells[0] != tag:
                 mv[own] -= k  # R3/R4: reads the same as before the increment
                 return self._moved(e, limit, now)
@@ -522,8 +503,7 @@ def _bump(mv: memoryview, own: int, t: int) -> None:
 
 
 def _totals(cells: tuple[int, ...], t: int) -> tuple[int, int]:
-    """(count in window t, count in window t-1) from a slot read (R2); ``RateCounters.hit``
-    has the same loop inline."""
+    """(count in window t, count in window t-1) from a slot read (R2)."""
     cur = prev = 0
     it = iter(cells)
     next(it)  # the tag

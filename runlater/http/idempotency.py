@@ -47,6 +47,7 @@ from typing import Any
 import orjson
 
 from runlater.cache.inflight import InflightFull, InflightTable
+from runlater.core.aio import cancel_and_wait
 from runlater.core.settings import Settings
 from runlater.db.pool import Database
 from runlater.db.queries import Q
@@ -148,13 +149,8 @@ class IdempotencyLayer(Idempotency):
         self._task = asyncio.get_running_loop().create_task(self._cleanup_loop(), name="idempotency-cleanup")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _cleanup_loop(self) -> None:
         # Every worker checks once a minute (or per interval, if shorter); the shared "cleaned"

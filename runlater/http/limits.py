@@ -70,6 +70,7 @@ import orjson
 from runlater.cache.inflight import InflightTable
 from runlater.cache.ratelimit import QuotaCounters, RateCounters, identity_tag, month_bounds, month_index
 from runlater.cache.shm import SharedRegion
+from runlater.core.aio import cancel_and_wait
 from runlater.core.settings import Settings
 from runlater.db.pool import Database
 from runlater.db.queries import Q
@@ -278,13 +279,8 @@ class LimitsGuard(Guard):
 
     async def stop(self, timeout: float = 2.0) -> None:
         """Stop refreshing; flush this node's counts once more (best effort)."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self.rates.return_leases()
         self.quota.return_leases()
         try:

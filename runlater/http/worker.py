@@ -17,6 +17,7 @@ import uvloop
 
 from runlater.cache.inflight import InflightTable
 from runlater.cache.keycache import KeyCache
+from runlater.core.aio import cancel_and_wait
 from runlater.core.settings import Settings
 from runlater.db.batcher import InsertBatcher
 from runlater.db.pool import Database, connect_pool
@@ -54,12 +55,7 @@ class KeyRevocationListener:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="key-revocation-listener")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
         self.auth.invalidations += 1
